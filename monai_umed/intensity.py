@@ -1,0 +1,212 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Native <-> normalised intensity mapping and quantisation back to the source dtype (METHODS.md section 0).
+
+All perturbation budgets are stated in a normalised ``[0, 1]`` space per channel. ``stored`` values are what the
+file holds (NIfTI raw data before ``scl_slope``, DICOM stored values before ``RescaleSlope``); ``physical`` values
+are ``stored * slope + intercept`` (HU for CT). A :class:`IntensityMapping` maps stored -> normalised through a
+per-channel physical window ``[lo, hi]`` and is recorded per case so the mapping can be reproduced and inverted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["IntensityMapping", "compute_mapping", "quantise", "budget_in_stored", "parse_epsilon", "ct_window"]
+
+#: Default CT window in HU (METHODS.md section 0).
+ct_window = (-1024.0, 3071.0)
+
+
+@dataclass
+class IntensityMapping:
+    """An invertible affine map from stored values to the normalised ``[0, 1]`` space.
+
+    Args:
+        lo: physical value mapped to 0, one per channel.
+        hi: physical value mapped to 1, one per channel.
+        slope: stored -> physical slope (DICOM RescaleSlope, NIfTI scl_slope; 1 when absent).
+        intercept: stored -> physical intercept.
+        dtype: numpy dtype name of the stored array.
+        method: how ``lo``/``hi`` were chosen (``dtype``, ``window``, ``minmax`` or ``percentile``).
+    """
+
+    lo: list[float]
+    hi: list[float]
+    dtype: str
+    method: str
+    slope: float = 1.0
+    intercept: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def _bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (-1,) + (1,) * (ndim - 1)
+        return np.asarray(self.lo, np.float64).reshape(shape), np.asarray(self.hi, np.float64).reshape(shape)
+
+    def to_normalised(self, stored: np.ndarray) -> np.ndarray:
+        """Channel-first stored array -> float32 normalised array (not clipped: values outside the window map outside [0, 1])."""
+        lo, hi = self._bounds(stored.ndim)
+        return ((stored.astype(np.float64) * self.slope + self.intercept - lo) / (hi - lo)).astype(np.float32)
+
+    def to_stored(self, normalised: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_normalised`, in float64 (no rounding)."""
+        lo, hi = self._bounds(normalised.ndim)
+        return ((normalised.astype(np.float64) * (hi - lo) + lo) - self.intercept) / self.slope
+
+    def scale(self, ndim: int = 1) -> np.ndarray:
+        """Stored units per normalised unit, per channel, broadcastable to a channel-first array of ``ndim``."""
+        lo, hi = self._bounds(ndim)
+        return (hi - lo) / abs(self.slope)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IntensityMapping":
+        return cls(**d)
+
+
+def parse_epsilon(value: str | float) -> float:
+    """Parse a budget given as ``"8/255"`` or a float in normalised units."""
+    if isinstance(value, (int, float)):
+        eps = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                eps = float(num) / float(den)
+            else:
+                eps = float(text)
+        except (ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"epsilon {value!r} is not a number or a fraction like 8/255") from e
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"epsilon {value!r} must lie in [0, 1] (normalised units)")
+    return eps
+
+
+def compute_mapping(
+    stored: np.ndarray,
+    policy: str = "auto",
+    modality: str | None = None,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    window: Sequence[float] | None = None,
+    percentiles: Sequence[float] = (0.5, 99.5),
+) -> IntensityMapping:
+    """Choose the native -> normalised mapping for one channel-first stored array.
+
+    ``auto`` follows METHODS.md: CT (``modality`` containing "CT") -> fixed HU ``window`` (default -1024..3071);
+    8-bit integer images -> the dtype range; anything else (MRI, 16-bit, float) -> per-volume, per-channel
+    percentiles. ``dtype``, ``window``, ``minmax`` and ``percentile`` force one rule.
+
+    Args:
+        stored: channel-first array of stored values.
+        policy: ``auto`` | ``dtype`` | ``window`` | ``minmax`` | ``percentile``.
+        modality: free text such as "CT" or "MRI" (from DICOM Modality or dataset.json).
+        slope: stored -> physical slope.
+        intercept: stored -> physical intercept.
+        window: physical ``(lo, hi)`` for the ``window`` rule.
+        percentiles: lower and upper percentile for the ``percentile`` rule.
+
+    Raises:
+        ValueError: unknown policy, a dtype range asked of a float image, or a flat image.
+    """
+    dtype = np.dtype(stored.dtype)
+    if policy == "auto":
+        if modality and "CT" in modality.upper().split():
+            policy = "window"
+        elif dtype.kind in "ui" and dtype.itemsize == 1:
+            policy = "dtype"
+        else:
+            policy = "percentile"
+    n_ch = stored.shape[0]
+    params: dict[str, Any] = {}
+    if policy == "dtype":
+        if dtype.kind not in "uib":
+            raise ValueError(f"intensity policy 'dtype' needs an integer image, got {dtype}")
+        info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
+        lo = [float(info.min) * slope + intercept] * n_ch
+        hi = [float(info.max) * slope + intercept] * n_ch
+    elif policy == "window":
+        w = tuple(window) if window is not None else ct_window
+        lo, hi = [float(w[0])] * n_ch, [float(w[1])] * n_ch
+        params["window"] = list(w)
+    elif policy in ("minmax", "percentile"):
+        phys = stored.reshape(n_ch, -1).astype(np.float64) * slope + intercept
+        if policy == "minmax":
+            lo, hi = phys.min(axis=1).tolist(), phys.max(axis=1).tolist()
+        else:
+            q = np.percentile(phys, list(percentiles), axis=1)
+            lo, hi = q[0].tolist(), q[1].tolist()
+            params["percentiles"] = list(percentiles)
+        # a flat channel still needs an invertible map: fall back to a unit-wide window
+        hi = [h if h > l_ else l_ + 1.0 for l_, h in zip(lo, hi)]
+    else:
+        raise ValueError(f"unknown intensity policy {policy!r} (auto, dtype, window, minmax, percentile)")
+    return IntensityMapping(lo=lo, hi=hi, dtype=dtype.name, method=policy, slope=float(slope),
+                            intercept=float(intercept), params=params)
+
+
+def budget_in_stored(epsilon: float, mapping: IntensityMapping) -> np.ndarray:
+    """The largest stored-unit change a budget ``epsilon`` allows, per channel (floored for integer dtypes)."""
+    b = epsilon * mapping.scale(1)
+    if np.dtype(mapping.dtype).kind in "uib":
+        b = np.floor(b + 1e-9)
+    return b
+
+
+def quantise(
+    stored: np.ndarray,
+    delta: np.ndarray,
+    mapping: IntensityMapping,
+    epsilon: float | None = None,
+    source: str = "",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a normalised perturbation to a stored array and quantise the result to the stored dtype.
+
+    ``delta_q = round(to_stored(x + delta)) - x_stored``, clipped to the dtype range and, when ``epsilon`` is
+    given, to the largest whole number of stored units inside the budget, so the budget holds *after*
+    quantisation. Float images are perturbed without rounding.
+
+    Args:
+        stored: channel-first stored array (the file's values).
+        delta: normalised perturbation, same shape.
+        mapping: the case's intensity mapping.
+        epsilon: the protector's L-inf budget in normalised units, or None for no clamp.
+        source: file name used in the warning.
+
+    Returns:
+        ``(protected, delta_q)``: the protected array in the stored dtype and the realised change in stored units
+        (int64 for integer dtypes, float64 for float dtypes).
+    """
+    dtype = np.dtype(stored.dtype)
+    d = np.asarray(delta, dtype=np.float64) * mapping.scale(stored.ndim)
+    if epsilon is not None:
+        b = np.broadcast_to(budget_in_stored(epsilon, mapping).reshape((-1,) + (1,) * (stored.ndim - 1)), stored.shape[:1] + (1,) * (stored.ndim - 1))
+        if epsilon > 0 and np.all(b == 0):
+            warnings.warn(
+                f"{source or 'image'}: budget epsilon={epsilon:.6g} is below one {dtype} step "
+                f"({float(mapping.scale(1).min()):.6g} stored units per normalised unit): the written copy is unprotected",
+                stacklevel=2,
+            )
+        d = np.clip(d, -b, b)
+    if dtype.kind in "uib":
+        info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
+        out = np.clip(stored.astype(np.int64) + np.rint(d).astype(np.int64), info.min, info.max)
+        return out.astype(dtype), out - stored.astype(np.int64)
+    out = (stored.astype(np.float64) + d).astype(dtype)
+    return out, out.astype(np.float64) - stored.astype(np.float64)
