@@ -21,6 +21,7 @@ resumed run writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -81,8 +82,21 @@ class Protector(ABC):
         self.fitted = not self.fits
 
     # -- the contract -------------------------------------------------------------------------------------------
-    def fit(self, samples: Iterable[Mapping[str, Any]], *, progress: bool = True) -> "Protector":
-        """Learn the perturbation from training samples (dicts with ``image`` and ``label`` tensors).
+    def fit(
+        self,
+        samples: Sequence[Mapping[str, Any]],
+        *,
+        progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> "Protector":
+        """Learn the perturbation from training samples.
+
+        Args:
+            samples: a sequence (``len`` and indexing) of dicts with ``image`` (C x spatial float in [0, 1]),
+                ``label`` (1 x spatial int) and ``case_id``.
+            progress: show a progress bar.
+            checkpoint: file where fitting methods save their state periodically and from which they resume
+                when it exists (an interrupted ``monai-umed protect --resume`` passes the same file).
 
         The default, for surrogate-free methods, only records ``spatial_dims``.
         """
