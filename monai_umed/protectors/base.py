@@ -155,7 +155,7 @@ class Protector(ABC):
             raise ValueError(f"expected a channel-first 2D or 3D image, got shape {tuple(image.shape)}")
         if self.spatial_dims is None:
             self.spatial_dims = sd
-        elif self.spatial_dims != sd:
+        elif self.spatial_dims != sd and self.fits:  # what a fitted method learned is tied to its dimensionality
             raise ValueError(f"{self.name} was set up for spatial_dims={self.spatial_dims}, got a {sd}D image")
         return sd
 
