@@ -1,0 +1,220 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Label-derived masks and texture maps, 2D and 3D (METHODS.md sections 0 and 1.3).
+
+- :func:`roi_mask`: ``M_roi = (y > 0)``.
+- :func:`contour_band`: ``M_c = dilate(M_roi, r) AND NOT erode(M_roi, r)``, computed per class for multi-class
+  labels (so the boundary between two touching classes is a contour too), with an ellipsoidal structuring element
+  whose radius is given in voxels or, with ``radius_mm`` and the voxel ``spacing``, in millimetres.
+- :func:`texture_energy`: local standard deviation in a ``k``-window, per channel (box filter).
+- :func:`texture_bound`: the texture-aware adaptive bound ``B(x)``: texture energy normalised to ``[b_min, 1]``
+  inside the ROI, 0 outside.
+
+All functions take channel-first arrays or tensors (``1 x spatial`` labels, ``C x spatial`` images) and return
+torch tensors on the input's device (masks are ``bool``, ``1 x spatial``). Morphology runs in ``scipy.ndimage`` on
+the label grid, which is exact and deterministic.
+
+Example::
+
+    band = contour_band(label, radius=2)                       # (1, H, W) bool
+    band = contour_band(label, radius_mm=2.0, spacing=(0.8, 0.8, 2.5))  # spacing-aware, 3D
+    bound = texture_bound(image, label, window=5, b_min=0.25)  # (C, H, W) in {0} U [0.25, 1]
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+__all__ = ["roi_mask", "structuring_element", "contour_band", "texture_energy", "texture_bound", "spacing_of"]
+
+
+def _as_label_array(label: torch.Tensor | np.ndarray) -> np.ndarray:
+    arr = label.detach().cpu().numpy() if torch.is_tensor(label) else np.asarray(label)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"expected a channel-first 2D or 3D label map (1 x spatial), got shape {arr.shape}")
+    if arr.shape[0] != 1:
+        raise ValueError(f"expected a single-channel label map, got {arr.shape[0]} channels")
+    return arr[0]
+
+
+def _device_of(x: torch.Tensor | np.ndarray) -> torch.device:
+    return x.device if torch.is_tensor(x) else torch.device("cpu")
+
+
+def spacing_of(image: torch.Tensor | np.ndarray) -> tuple[float, ...] | None:
+    """Voxel spacing of a MONAI ``MetaTensor`` (its ``pixdim``), or None for plain arrays/tensors."""
+    pixdim = getattr(image, "pixdim", None)
+    if pixdim is None:
+        return None
+    try:
+        sp = [float(v) for v in (pixdim.tolist() if hasattr(pixdim, "tolist") else pixdim)]
+    except (TypeError, ValueError):
+        return None
+    return tuple(sp) if sp and all(v > 0 for v in sp) else None
+
+
+def roi_mask(label: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``M_roi = (y > 0)`` as a ``1 x spatial`` bool tensor."""
+    if torch.is_tensor(label):
+        if label.ndim not in (3, 4) or label.shape[0] != 1:
+            raise ValueError(f"expected a channel-first 1 x spatial label map, got shape {tuple(label.shape)}")
+        return label > 0
+    return torch.from_numpy(_as_label_array(label)[None] > 0)
+
+
+def structuring_element(
+    radius: float | Sequence[float], spatial_dims: int, spacing: Sequence[float] | None = None
+) -> np.ndarray:
+    """An ellipsoidal structuring element (disk in 2D, ball in 3D).
+
+    Args:
+        radius: radius in voxels, or in the units of ``spacing`` (mm) when ``spacing`` is given; one value or one
+            per spatial dim.
+        spatial_dims: 2 or 3.
+        spacing: voxel size per spatial dim; the element then contains the voxels within ``radius`` mm.
+
+    Returns:
+        A bool array; a single ``True`` voxel when the radius is below one voxel on every axis.
+    """
+    r = np.broadcast_to(np.asarray(radius, dtype=np.float64), (spatial_dims,))
+    sp = np.ones(spatial_dims) if spacing is None else np.asarray(spacing, dtype=np.float64)[:spatial_dims]
+    if sp.shape[0] != spatial_dims:
+        raise ValueError(f"spacing {spacing} does not have {spatial_dims} entries")
+    if np.any(r < 0):
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    half = np.floor(r / sp + 1e-9).astype(int)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, sp)], indexing="ij")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d2 = sum(np.where(rr > 0, (g / max(rr, 1e-12)) ** 2, np.where(g == 0, 0.0, np.inf)) for g, rr in zip(grids, r))
+    return d2 <= 1.0 + 1e-9
+
+
+def contour_band(
+    label: torch.Tensor | np.ndarray,
+    radius: float = 2,
+    spacing: Sequence[float] | None = None,
+    radius_mm: float | None = None,
+    per_class: bool = True,
+) -> torch.Tensor:
+    """Contour band ``dilate(M, r) AND NOT erode(M, r)`` around the labelled structures.
+
+    The image border is not a contour: erosion treats voxels outside the image as foreground, so a structure that
+    touches the border has no band along it.
+
+    Args:
+        label: ``1 x spatial`` integer label map (0 background).
+        radius: band radius in voxels (the band is about ``2 * radius + 1`` voxels wide across a boundary).
+        spacing: voxel spacing per spatial dim (mm), used with ``radius_mm``.
+        radius_mm: band radius in millimetres; overrides ``radius`` when ``spacing`` is known, so anisotropic
+            volumes get a band of the same physical width along every axis.
+        per_class: union of the bands of every class (boundaries between touching classes included); False gives
+            the band of the binary ROI only.
+
+    Returns:
+        ``1 x spatial`` bool tensor on the label's device.
+    """
+    arr = _as_label_array(label)
+    sd = arr.ndim
+    if radius_mm is not None and spacing is not None:
+        se = structuring_element(float(radius_mm), sd, spacing)
+    else:
+        se = structuring_element(float(radius), sd)
+    band = np.zeros(arr.shape, dtype=bool)
+    classes = [c for c in np.unique(arr) if c > 0] if per_class else [None]
+    if se.sum() <= 1:
+        return torch.zeros((1,) + arr.shape, dtype=torch.bool, device=_device_of(label))
+    for c in classes:
+        m = arr > 0 if c is None else arr == c
+        if not m.any():
+            continue
+        band |= ndimage.binary_dilation(m, structure=se) & ~ndimage.binary_erosion(m, structure=se, border_value=1)
+    return torch.from_numpy(band[None]).to(_device_of(label))
+
+
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    sd = x.ndim - 1
+    pool = F.avg_pool2d if sd == 2 else F.avg_pool3d
+    return pool(x[None], kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)[0]
+
+
+def texture_energy(image: torch.Tensor | np.ndarray, window: int = 5) -> torch.Tensor:
+    """Local standard deviation of each channel in a ``window``-sized box (2D or 3D), same shape as the image.
+
+    Args:
+        image: ``C x spatial`` float image.
+        window: odd box size ``k`` (default 5).
+    """
+    x = torch.as_tensor(image)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"expected a channel-first 2D or 3D image, got shape {tuple(x.shape)}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd integer, got {window}")
+    x = x.detach().to(torch.float64)
+    mean = _box_mean(x, window)
+    var = (_box_mean(x * x, window) - mean * mean).clamp_min(0.0)
+    return var.sqrt().to(torch.float32)
+
+
+def texture_bound(
+    image: torch.Tensor | np.ndarray,
+    label: torch.Tensor | np.ndarray,
+    window: int = 5,
+    b_min: float = 0.25,
+    quantiles: tuple[float, float] = (0.0, 1.0),
+) -> torch.Tensor:
+    """The texture-aware adaptive bound ``B(x)`` (METHODS.md section 1.3).
+
+    The texture energy of each channel is mapped linearly to ``[b_min, 1]`` between its ``quantiles`` inside the
+    ROI (clipped outside them), so the most textured ROI voxels get the full budget and the flattest ``b_min`` of
+    it. Outside the ROI the bound is 0.
+
+    Args:
+        image: ``C x spatial`` float image (normalised units).
+        label: ``1 x spatial`` label map (ROI = ``label > 0``).
+        window: texture window ``k``.
+        b_min: bound in the flattest regions, in ``[0, 1]``.
+        quantiles: lower and upper quantile of the ROI's texture energy mapped to ``b_min`` and 1 (``(0, 1)``: min
+            and max; e.g. ``(0.05, 0.95)`` is robust to a few specular highlights).
+
+    Returns:
+        ``C x spatial`` float32 tensor, 0 outside the ROI and in ``[b_min, 1]`` inside it.
+    """
+    if not 0.0 <= b_min <= 1.0:
+        raise ValueError(f"b_min must lie in [0, 1], got {b_min}")
+    lo_q, hi_q = float(quantiles[0]), float(quantiles[1])
+    if not 0.0 <= lo_q < hi_q <= 1.0:
+        raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles}")
+    x = torch.as_tensor(image)
+    roi = roi_mask(torch.as_tensor(label) if not torch.is_tensor(label) else label).to(x.device)
+    if tuple(roi.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"label shape {tuple(roi.shape)} does not match image shape {tuple(x.shape)}")
+    energy = texture_energy(x, window)
+    out = torch.zeros_like(energy)
+    m = roi[0]
+    if not bool(m.any()):
+        return out
+    for c in range(energy.shape[0]):
+        vals = energy[c][m].to(torch.float64)
+        lo = torch.quantile(vals, lo_q) if lo_q > 0 else vals.min()
+        hi = torch.quantile(vals, hi_q) if hi_q < 1 else vals.max()
+        span = float(hi - lo)
+        if span <= 1e-12:
+            norm = torch.ones_like(energy[c], dtype=torch.float64)
+        else:
+            norm = ((energy[c].to(torch.float64) - lo) / span).clamp(0.0, 1.0)
+        out[c] = torch.where(m, b_min + (1.0 - b_min) * norm, torch.zeros_like(norm)).to(torch.float32)
+    return out

@@ -1,0 +1,388 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""``protect_dataset()``: the end-to-end protection job (DESIGN.md, "The one data path").
+
+dataset on disk -> cases -> MONAI loaders -> normalised tensors -> ``protector.fit`` -> per-case perturbation ->
+quantised to the source dtype -> written in the source format into a staging folder ``OUT.partial`` -> manifest,
+datalist and key -> staging renamed to ``OUT``.
+
+Crash safety and resume: each finished case leaves a fragment (``<key>.parts/cases/<n>.json`` plus its delta)
+written *after* its files, so ``--resume`` redoes nothing finished and an interrupted run never looks complete.
+Per-case randomness comes from ``(seed, case_id)``, so a resumed run writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from monai_umed import __version__, protectors
+from monai_umed.data.datalist import Case, DatasetSpec, load_dataset
+from monai_umed.data.formats import ImageData, array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
+from monai_umed.errors import InputError
+from monai_umed.intensity import IntensityMapping, compute_mapping, parse_epsilon, quantise
+from monai_umed.key import encode_delta, fingerprint, write_key
+
+__all__ = ["protect_dataset", "default_key_path", "LoadedCase", "load_case"]
+
+_CONFIG_KEYS = ("dataset", "method", "params", "split", "intensity", "new_uids", "cases")
+
+
+def default_key_path(output: str | os.PathLike) -> Path:
+    """``OUT`` -> ``OUT.umedkey`` beside it (never inside the released folder)."""
+    out = Path(output).resolve()
+    return out.with_name(out.name + ".umedkey")
+
+
+@dataclass
+class LoadedCase:
+    """A case decoded and normalised: what a protector sees, plus what the writer needs."""
+
+    case: Case
+    image: ImageData
+    mapping: IntensityMapping
+    tensor: torch.Tensor  # C x spatial float32 in [0, 1]
+    label: torch.Tensor | None  # 1 x spatial int64
+    paths: list[str]  # absolute image paths
+
+
+def load_case(spec: DatasetSpec, case: Case, intensity: str = "auto") -> LoadedCase:
+    """Decode one case through MONAI's readers and map it to the normalised space.
+
+    Raises:
+        InputError: missing/corrupt files, NaN/Inf, bad labels (see :func:`monai_umed.data.formats.check_label`).
+    """
+    paths = [str(spec.abspath(p)) for p in case.image_files]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise InputError("image file not found", p)
+    arg: Any = paths if isinstance(case.image, list) else paths[0]
+    codec = codec_for(arg)
+    image = codec.read(arg)
+    modality = image.modality or spec.modality
+    try:
+        mapping = compute_mapping(image.array, intensity, modality=modality, slope=image.slope, intercept=image.intercept)
+    except ValueError as e:
+        raise InputError(str(e), paths[0]) from e
+    tensor = torch.from_numpy(np.clip(mapping.to_normalised(image.array), 0.0, 1.0))
+    label = None
+    if case.label is not None:
+        lpath = spec.abspath(case.label)
+        if not lpath.is_file():
+            raise InputError("label file not found", lpath)
+        label = torch.from_numpy(codec.read_label(str(lpath), image))
+    return LoadedCase(case, image, mapping, tensor, label, paths)
+
+
+class _Samples(Sequence):
+    """Training samples for ``fit``: decoded once, kept in memory, in datalist order."""
+
+    def __init__(self, items: list[LoadedCase]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        it = self.items[i]
+        return {"image": it.tensor, "label": it.label, "case_id": it.case.case_id, "meta": it.image.meta}
+
+
+def _psnr(delta_n: np.ndarray) -> float:
+    """PSNR (dB) of a perturbation in normalised units (peak 1 = the mapping's range, 255 for uint8)."""
+    mse = float(np.mean(np.square(delta_n, dtype=np.float64))) if delta_n.size else 0.0
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, (np.ndarray, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=_json_default, allow_nan=True))
+
+
+class _Job:
+    """Paths and bookkeeping of one protection run (staging folder, work folder with fragments)."""
+
+    def __init__(self, spec: DatasetSpec, output: Path, key: Path, config: dict[str, Any], resume: bool) -> None:
+        self.spec, self.output, self.key, self.config = spec, output, key, config
+        self.stage = output.with_name(output.name + ".partial")
+        self.work = key.with_name(key.name + ".parts")
+        self.cases_dir = self.work / "cases"
+        cfg_path = self.work / "config.json"
+        if self.work.exists() or self.stage.exists():
+            if not resume:
+                raise InputError(f"an interrupted run exists ({self.stage.name}, {self.work.name}); pass --resume to continue it or delete them", output)
+            if not cfg_path.is_file():
+                raise InputError("cannot resume: the work folder has no config.json", self.work)
+            old = json.loads(cfg_path.read_text())
+            diff = [k for k in _CONFIG_KEYS if json.dumps(old.get(k), default=_json_default) != json.dumps(config.get(k), default=_json_default)]
+            if diff:
+                raise InputError(f"cannot resume: the interrupted run used different {', '.join(diff)}", self.work)
+        self.stage.mkdir(parents=True, exist_ok=True)
+        self.cases_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(cfg_path, config)
+
+    def fragment(self, n: int) -> Path:
+        return self.cases_dir / f"{n:06d}.json"
+
+    def done(self, n: int) -> bool:
+        return self.fragment(n).is_file()
+
+
+def _check_paths(spec: DatasetSpec, output: Path, key: Path, resume: bool) -> None:
+    root = spec.root.resolve()
+    if output == root or output.is_relative_to(root):
+        raise InputError("output must not lie inside the input dataset", output)
+    if root.is_relative_to(output):
+        raise InputError("output must not contain the input dataset", output)
+    if output.exists():
+        raise InputError("output folder already exists" + (" (the run it came from is complete)" if resume else ""), output)
+    if key.is_relative_to(output) or key.is_relative_to(root):
+        raise InputError("the key must lie outside both the input dataset and the output folder", key)
+    if key.exists() and not resume:
+        raise InputError("key file already exists", key)
+
+
+def _select(spec: DatasetSpec, split: str) -> tuple[list[int], list[int]]:
+    if split not in ("all", "training"):
+        raise InputError(f"--split must be 'all' or 'training', got {split!r}")
+    protect = [i for i, c in enumerate(spec.cases) if split == "all" or c.split == "training"]
+    if not protect:
+        raise InputError(f"the dataset has no cases in split {split!r}", spec.root)
+    return protect, [i for i in range(len(spec.cases)) if i not in set(protect)]
+
+
+def _batches(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tuple[int, LoadedCase]],
+                   new_uids: bool) -> None:
+    deltas = protector.perturbation_batch(
+        [lc.tensor.to(protector.device) for _, lc in loaded],
+        [None if lc.label is None else lc.label.to(protector.device) for _, lc in loaded],
+        [lc.case.case_id for _, lc in loaded],
+    )
+    budget = float(getattr(protector, "max_epsilon", protector.epsilon))
+    for (n, lc), delta in zip(loaded, deltas):
+        src = lc.image.array
+        protected, delta_q = quantise(src, delta.detach().float().cpu().numpy(), lc.mapping, budget, source=lc.paths[0])
+        codec = codec_for(lc.paths if isinstance(lc.case.image, list) else lc.paths[0])
+        outs = [codec.output_relpath(p) for p in lc.case.image_files]
+        targets = [str(job.stage / o) for o in outs]
+        options: dict[str, Any] = {"new_uids": True} if (new_uids and codec.fmt == "dicom") else {}
+        written = codec.write(lc.paths if codec.fmt == "dicom" else lc.paths[0],
+                              targets if codec.fmt == "dicom" else targets[0], protected, **options)
+        label = None
+        if lc.case.label is not None:
+            copy_atomic(job.spec.abspath(lc.case.label), job.stage / lc.case.label)
+            label = {"source": lc.case.label, "output": lc.case.label, "sha256": file_sha256(job.stage / lc.case.label)}
+        phys = np.abs(delta_q) * abs(lc.mapping.slope)
+        delta_n = delta_q / lc.mapping.scale(delta_q.ndim)
+        roi_mask = None if lc.label is None else np.broadcast_to(lc.label.numpy() > 0, delta_q.shape)
+        delta_name = f"deltas/{n:06d}.npz"
+        with atomic_path(job.cases_dir / f"{n:06d}.npz") as tmp:
+            tmp.write_bytes(encode_delta(src, protected))
+        record = {
+            "case_id": lc.case.case_id, "split": lc.case.split, "protected": True, "fmt": lc.image.fmt,
+            "source": lc.case.image_files, "output": outs,
+            "source_sha256": [file_sha256(p) for p in lc.paths],
+            "files": [{"output": o, "sha256": file_sha256(job.stage / o)} for o in outs],
+            "label": label,
+            "array_sha256_source": array_sha256(src), "array_sha256_protected": array_sha256(protected),
+            "dtype": str(src.dtype), "shape": list(src.shape), "spatial_dims": lc.image.spatial_dims,
+            "mapping": lc.mapping.to_dict(),
+            "psnr": _psnr(delta_n),
+            "psnr_roi": _psnr(delta_n[roi_mask]) if roi_mask is not None and roi_mask.any() else None,
+            "max_abs_delta": float(phys.max()) if phys.size else 0.0,
+            "changed_fraction": float(np.count_nonzero(delta_q) / max(1, delta_q.size)),
+            "delta": delta_name,
+        }
+        if written and written.get("sop_instance_uids") and new_uids:
+            record["sop_instance_uids"] = [lc.image.extra.get("sop_instance_uids", [None])[i] for i in range(len(outs))]
+        _write_json(job.fragment(n), record)
+
+
+def _copy_case(job: _Job, n: int, case: Case) -> None:
+    outs = list(case.image_files)
+    for p in outs:
+        src = job.spec.abspath(p)
+        if not src.is_file():
+            raise InputError("image file not found", src)
+        copy_atomic(src, job.stage / p)
+    label = None
+    if case.label is not None:
+        if not job.spec.abspath(case.label).is_file():
+            raise InputError("label file not found", job.spec.abspath(case.label))
+        copy_atomic(job.spec.abspath(case.label), job.stage / case.label)
+        label = {"source": case.label, "output": case.label, "sha256": file_sha256(job.stage / case.label)}
+    _write_json(job.fragment(n), {
+        "case_id": case.case_id, "split": case.split, "protected": False, "source": outs, "output": outs,
+        "files": [{"output": o, "sha256": file_sha256(job.stage / o)} for o in outs], "label": label,
+    })
+
+
+def protect_dataset(
+    dataset: str | os.PathLike,
+    output: str | os.PathLike,
+    method: str = "noise",
+    *,
+    key: str | os.PathLike | None = None,
+    epsilon: float | str = 8 / 255,
+    epochs: int | None = None,
+    params: dict[str, Any] | None = None,
+    split: str = "all",
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    protector: protectors.Protector | None = None,
+    intensity: str = "auto",
+    new_uids: bool = False,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Protect a dataset and write the protected copy, its manifest and its restoration key.
+
+    Args:
+        dataset: an MSD ``dataset.json`` (or its folder), an ``images/`` + ``labels/`` folder, or DICOM series.
+        output: new folder for the protected copy (must not exist, must not lie inside ``dataset``).
+        method: protector name (see :func:`monai_umed.protectors.names`).
+        key: key file; defaults to ``OUT.umedkey`` beside ``output``.
+        epsilon: L-inf budget, a float in normalised units or a fraction such as ``"8/255"``.
+        epochs: bound on any fitting (ignored by methods that fit nothing).
+        params: method-specific parameters.
+        split: ``all`` protects every listed image; ``training`` protects the training list and copies the rest.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        seed: run seed.
+        resume: continue an interrupted run with the same settings.
+        progress: show progress bars.
+        protector: an already fitted protector to use instead of building ``method`` (not refitted).
+        intensity: normalisation policy (``auto``, ``dtype``, ``window``, ``minmax``, ``percentile``).
+        new_uids: give written DICOM files new SOPInstanceUIDs (the originals are kept in the key).
+        batch_size: cases per perturbation batch.
+
+    Returns:
+        Summary: ``output``, ``key``, ``manifest``, ``cases``, ``protected``, ``seconds``, ``psnr_mean``.
+
+    Raises:
+        InputError: any bad input (named file, one line); nothing is left that looks complete.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    spec = load_dataset(dataset)
+    out = Path(output).resolve()
+    key_path = Path(key).resolve() if key is not None else default_key_path(out)
+    _check_paths(spec, out, key_path, resume)
+    eps = parse_epsilon(epsilon) if not isinstance(epsilon, float) else epsilon
+    if protector is None:
+        kwargs = dict(params or {})
+        kwargs.update(epsilon=eps, seed=seed, device=device)
+        if epochs is not None:
+            kwargs["epochs"] = epochs
+        try:
+            protector = protectors.get(method, **kwargs)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+    protect_idx, copy_idx = _select(spec, split)
+    if protector.requires_label:
+        for i in protect_idx:
+            if spec.cases[i].label is None:
+                raise InputError(f"method {protector.name!r} needs labels; case {spec.cases[i].case_id!r} has none", spec.abspath(spec.cases[i].case_id))
+    config = {
+        "version": __version__, "dataset": str(spec.root), "method": protector.name, "params": protector.params(),
+        "split": split, "intensity": intensity, "new_uids": new_uids,
+        "cases": [c.case_id for c in spec.cases],
+    }
+    job = _Job(spec, out, key_path, config, resume)
+
+    # fit on the training cases being protected (never on test), once; the state survives an interruption
+    state_path = job.work / "protector.pt"
+    if protector.fits and not protector.fitted:
+        if state_path.is_file():
+            protector.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+        else:
+            fit_idx = [i for i in protect_idx if spec.cases[i].split == "training"] or protect_idx
+            items = [load_case(spec, spec.cases[i], intensity) for i in tqdm(fit_idx, desc="load", disable=not progress, unit="case")]
+            protector.fit(_Samples(items), progress=progress, checkpoint=job.work / "fit.ckpt")
+            buf = io.BytesIO()
+            torch.save(protector.state_dict(), buf)
+            with atomic_path(state_path) as tmp:
+                tmp.write_bytes(buf.getvalue())
+            del items
+
+    todo = [i for i in protect_idx if not job.done(i)]
+    with torch.no_grad(), tqdm(total=len(protect_idx), initial=len(protect_idx) - len(todo), desc=f"protect ({protector.name})",
+                               disable=not progress, unit="case") as bar:
+        for chunk in _batches(todo, max(1, batch_size)):
+            loaded = [(i, load_case(spec, spec.cases[i], intensity)) for i in chunk]
+            _protect_batch(job, protector, loaded, new_uids)
+            bar.update(len(chunk))
+    for i in copy_idx:
+        if not job.done(i):
+            _copy_case(job, i, spec.cases[i])
+    return _finalise(job, protector, t0)
+
+
+def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str, Any]:
+    records = [json.loads(job.fragment(i).read_text()) for i in range(len(job.spec.cases))]
+    new_paths = {s: o for r in records for s, o in zip(r["source"], r["output"])}
+    datalist = job.spec.rewrite_datalist(new_paths)
+    _write_json(job.stage / "dataset.json", datalist)
+    protected = [r for r in records if r["protected"]]
+    psnrs = [r["psnr"] for r in protected if np.isfinite(r["psnr"])]
+    summary = {
+        "method": protector.name, "params": protector.params(), "version": __version__,
+        "dataset": str(job.spec.root), "split": job.config["split"], "intensity": job.config["intensity"],
+        "cases": len(records), "protected": len(protected),
+        "psnr_mean": float(np.mean(psnrs)) if psnrs else float("inf"),
+        "psnr_min": float(np.min(psnrs)) if psnrs else float("inf"),
+        "max_abs_delta": max((r["max_abs_delta"] for r in protected), default=0.0),
+        "jpeg_as_png": sum(1 for r in protected if r["fmt"] == "jpeg"),
+    }
+    manifest_cases = [{k: v for k, v in r.items() if k not in ("delta", "mapping")} | {"method": protector.name} for r in records]
+    _write_json(job.stage / "manifest.json", {"summary": summary, "cases": manifest_cases})
+    files = [f for r in records for f in r["files"]] + [r["label"] for r in records if r["label"]]
+    files.append({"output": "manifest.json", "sha256": file_sha256(job.stage / "manifest.json")})
+    state = None
+    if protector.fits:
+        state = (job.work / "protector.pt").read_bytes() if (job.work / "protector.pt").is_file() else None
+        if state is None:
+            buf = io.BytesIO()
+            torch.save(protector.state_dict(), buf)
+            state = buf.getvalue()
+    record = {**summary, "fingerprint": fingerprint(files), "datalist": datalist,
+              "cases": [r | {"files": r["files"]} for r in records], "manifest": files[-1]}
+    write_key(job.key, record, (((r["delta"]), (job.cases_dir / Path(r["delta"]).name).read_bytes()) for r in protected), state)
+    os.replace(job.stage, job.output)
+    shutil.rmtree(job.work, ignore_errors=True)
+    return {**summary, "output": str(job.output), "key": str(job.key), "manifest": str(job.output / "manifest.json"),
+            "seconds": time.time() - t0}
