@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,10 @@ __all__ = [
     "atomic_path", "copy_atomic", "load_with_monai", "check_label",
 ]
 
-# MONAI's optional nvImageCodec probe logs at import of its pydicom reader; it is noise for users
-logging.getLogger("monai.data.image_reader").setLevel(logging.ERROR)
+# LoadImage instantiates every reader, including the GPU-only nvImageCodec one, which logs and warns on CPU
+# machines; that is noise for users of the CPU readers we pick explicitly
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 PathLike = str | os.PathLike
 
