@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("once", UserWarning)
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
             return int(args.func(args) or 0)
     except InputError as e:
         print(f"monai-umed: error: {e}", file=sys.stderr)

@@ -196,7 +196,7 @@ def quantise(
     dtype = np.dtype(stored.dtype)
     d = np.asarray(delta, dtype=np.float64) * mapping.scale(stored.ndim)
     if epsilon is not None:
-        b = np.broadcast_to(budget_in_stored(epsilon, mapping).reshape((-1,) + (1,) * (stored.ndim - 1)), stored.shape[:1] + (1,) * (stored.ndim - 1))
+        b = budget_in_stored(epsilon, mapping).reshape((-1,) + (1,) * (stored.ndim - 1))
         if epsilon > 0 and np.all(b == 0):
             warnings.warn(
                 f"{source or 'image'}: budget epsilon={epsilon:.6g} is below one {dtype} step "

@@ -57,6 +57,7 @@ def make_demo_dataset(
     root = Path(root)
     size = size or (64 if spatial_dims == 2 else 32)
     rs = np.random.RandomState(seed)
+    rad = max(size // 5, 4)
     lists: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
     ext = ".png" if spatial_dims == 2 else ".nii.gz"
     for split, n in (("training", n_train), ("test", n_test)):
@@ -66,7 +67,7 @@ def make_demo_dataset(
         for i in range(n):
             name = f"case_{split[:2]}{i:03d}{ext}"
             if spatial_dims == 2:
-                img, seg = create_test_image_2d(size, size, num_objs=4, rad_max=size // 5, noise_max=0.3,
+                img, seg = create_test_image_2d(size, size, num_objs=4, rad_max=rad, rad_min=rad - 2, noise_max=0.3,
                                                 num_seg_classes=num_classes, random_state=rs)
                 img8 = np.clip(img * 200 + 20, 0, 255).astype(np.uint8)
                 if rgb:
@@ -75,7 +76,7 @@ def make_demo_dataset(
                 Image.fromarray(np.ascontiguousarray(np.swapaxes(img8, 0, 1))).save(root / f"images{sub}" / name)
                 Image.fromarray(np.ascontiguousarray(seg.T.astype(np.uint8))).save(root / f"labels{sub}" / name)
             else:
-                img, seg = create_test_image_3d(size, size, size, num_objs=4, rad_max=size // 5, noise_max=0.3,
+                img, seg = create_test_image_3d(size, size, size, num_objs=4, rad_max=rad, rad_min=rad - 2, noise_max=0.3,
                                                 num_seg_classes=num_classes, random_state=rs)
                 affine = np.diag([1.5, 1.5, 1.5, 1.0])
                 nib.save(nib.Nifti1Image((img * 1000 - 200).astype(np.int16), affine), root / f"images{sub}" / name)
