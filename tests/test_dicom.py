@@ -68,7 +68,8 @@ def test_read_layout_stored_values_and_monai(codec, ct):
     assert (img.slope, img.intercept) == (1.0, -1024.0)
     assert img.extra["slice_files"] == [str(f) for f in files]
     assert [img.extra["slice_files"][k] for k in img.extra["slice_of_file"]] == [str(f) for f in files[::-1]]
-    assert img.extra["sop_instance_uids"] == [ds.SOPInstanceUID for ds in ct["datasets"]]
+    assert img.extra["files"] == [str(f) for f in files[::-1]]
+    assert img.extra["sop_instance_uids"] == [ds.SOPInstanceUID for ds in ct["datasets"][::-1]]  # input order
     # MONAI's own reading of the folder gives the physical volume in the same layout and geometry
     decoded, meta = load_with_monai(ct["folder"], "ITKReader")
     np.testing.assert_array_equal(decoded, img.array.astype(np.int32) - 1024)
@@ -80,13 +81,52 @@ def test_read_layout_stored_values_and_monai(codec, ct):
 
 
 def test_single_slice_is_2d(codec, tmp_path):
-    files, volume, _ = make_ct_series(tmp_path / "one", n_slices=1, prefix="one")
+    import nibabel as nib
+    from PIL import Image
+
+    files, volume, datasets = make_ct_series(tmp_path / "one", n_slices=1, prefix="one")
     img = codec.read([str(files[0])])
     assert img.spatial_dims == 2 and img.array.shape == (1, 24, 20)
     np.testing.assert_array_equal(img.array[0], volume[0].T)
     out = tmp_path / "out" / "one.dcm"
     codec.write(str(files[0]), str(out), img.array + np.int16(3))
     np.testing.assert_array_equal(pydicom.dcmread(out).pixel_array, volume[0] + 3)
+    # labels of a single slice: SEG, NIfTI on the slice's geometry, PNG (MONAI's 2D layout)
+    mask = np.zeros((1, 20, 24), np.uint8)
+    mask[0, 2:9, 5:20] = 1
+    expected = mask[0].T[None].astype(np.int64)
+    seg = make_seg(tmp_path / "seg.dcm", datasets, mask)
+    np.testing.assert_array_equal(codec.read_label(str(seg), img), expected)
+    nib.save(nib.Nifti1Image(mask[0].T.copy(), np.asarray(img.meta["affine"], float)), tmp_path / "lab.nii.gz")
+    np.testing.assert_array_equal(codec.read_label(str(tmp_path / "lab.nii.gz"), img), expected)
+    Image.fromarray(mask[0]).save(tmp_path / "lab.png")
+    np.testing.assert_array_equal(codec.read_label(str(tmp_path / "lab.png"), img), expected)
+
+
+@pytest.mark.parametrize("orientation", [(1, 0, 0, 0, -1, 0), (np.cos(0.5), np.sin(0.5), 0, 0, 0, -1)])
+def test_other_orientations_mr_uint16(codec, tmp_path, orientation):
+    """Normal against +z and an oblique plane; unsigned MR without rescale: GDCM's order, labels still aligned."""
+    import nibabel as nib
+
+    files, volume, datasets = make_ct_series(tmp_path / "mr", orientation=orientation, prefix="mr", signed=False,
+                                             intercept=0.0, modality="MR", n_slices=3)
+    img = codec.read([str(f) for f in files[::-1]])
+    assert img.modality == "MR" and img.array.dtype == np.uint16 and (img.slope, img.intercept) == (1.0, 0.0)
+    np.testing.assert_array_equal(img.array[0], volume.transpose(2, 1, 0))
+    assert img.extra["slice_files"] == [str(f) for f in files]
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[1:3, 2:10, 3:9] = 1
+    seg = make_seg(tmp_path / "seg.dcm", datasets, mask)
+    np.testing.assert_array_equal(codec.read_label(str(seg), img), _expected_label(mask))
+    affine = np.asarray(img.meta["affine"], dtype=np.float64)
+    flip = np.diag([1.0, 1.0, -1.0, 1.0])
+    flip[2, 3] = volume.shape[0] - 1
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(mask.transpose(2, 1, 0)[:, :, ::-1]), affine @ flip),
+             tmp_path / "lab.nii.gz")
+    np.testing.assert_array_equal(codec.read_label(str(tmp_path / "lab.nii.gz"), img), _expected_label(mask))
+    outs = [str(tmp_path / "out" / f.name) for f in files]
+    codec.write([str(f) for f in files], outs, img.array + np.uint16(1))
+    np.testing.assert_array_equal(codec.read(outs).array, img.array + 1)
 
 
 def test_write_round_trip(codec, ct, tmp_path):

@@ -81,8 +81,8 @@ def _is_dicom_name(path: PathLike) -> bool:
 def _dcmread(path: PathLike, *, header_only: bool = False) -> Any:
     """``pydicom.dcmread`` with one-line errors naming the file.
 
-    Files without the 128-byte preamble are read with ``force=True``; a dataset without ``SOPInstanceUID`` is
-    rejected as not being a DICOM object.
+    Files without the 128-byte preamble are read with ``force=True``; a dataset with neither ``SOPInstanceUID``
+    nor a File Meta ``MediaStorageSOPClassUID`` (which a ``DICOMDIR`` has) is rejected as not being DICOM.
 
     Raises:
         InputError: unreadable, truncated or non-DICOM file.
@@ -95,7 +95,8 @@ def _dcmread(path: PathLike, *, header_only: bool = False) -> Any:
             ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
         except InvalidDicomError:
             ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)
-        if "SOPInstanceUID" not in ds:
+        meta = getattr(ds, "file_meta", None)
+        if "SOPInstanceUID" not in ds and not (meta is not None and "MediaStorageSOPClassUID" in meta):
             raise InvalidDicomError("no SOPInstanceUID")
     except FileNotFoundError as e:
         raise InputError("file not found", path) from e
@@ -194,10 +195,11 @@ class DicomCodec(Codec):
     ``read`` goes through ``monai.transforms.LoadImage`` with ``ITKReader`` (the series' files are linked into a
     private temporary folder, so MONAI reads exactly those files as one series) and returns the stored values in
     MONAI's layout (see the module docstring). ``write`` replaces ``PixelData`` in a copy of each template slice
-    file; every other element, the file meta information and the preamble are kept. A template stored with a
-    compressed transfer syntax is written uncompressed (Explicit VR Little Endian; the encapsulation-only
-    Extended Offset Table elements are dropped) -- those are the only elements besides ``PixelData`` (and the
-    SOP Instance UIDs when asked) that change.
+    file; every other element, the file meta information and the preamble are kept (an unchanged array gives a
+    byte-identical file). A template stored with a compressed transfer syntax is written uncompressed (Explicit VR
+    Little Endian; the encapsulation-only Extended Offset Table elements are dropped) -- those are the only
+    elements besides ``PixelData`` (and the SOP Instance UIDs when asked) that change, apart from the group
+    lengths that follow them.
 
     Labels are DICOM-SEG objects (frames matched to slices by ``ReferencedSOPInstanceUID``, falling back to
     ``ImagePositionPatient``; label value = segment number, the highest segment number wins where segments
@@ -232,10 +234,12 @@ class DicomCodec(Codec):
         Returns:
             :class:`ImageData` with the stored values (see the module docstring for the layout), ``slope`` and
             ``intercept`` from ``RescaleSlope``/``RescaleIntercept``, ``modality``, MONAI's ``meta`` (affine,
-            spacing; ``filename_or_obj`` is the first slice file) and ``extra``:
-            ``slice_files`` (slice index -> file), ``slice_of_file`` (input position -> slice index),
-            ``sop_instance_uids`` and ``positions`` (``ImagePositionPatient``, slice order), ``orientation``,
-            ``pixel_spacing``, ``series_instance_uid``, ``transfer_syntaxes`` (input order) and ``reader``.
+            spacing; ``filename_or_obj`` is the first input file) and ``extra``:
+            ``slice_files`` (slice index ``k`` -> file path: how to split the volume back into files),
+            ``slice_of_file`` (input position ``i`` -> slice index), per input file in input order (the order
+            :meth:`write` takes and returns): ``files``, ``sop_instance_uids``, ``positions``
+            (``ImagePositionPatient``) and ``transfer_syntaxes``; and ``orientation``
+            (``ImageOrientationPatient``), ``pixel_spacing``, ``series_instance_uid``, ``reader``.
 
         Raises:
             InputError: unreadable or corrupt file (named), mixed series, multi-frame or colour data, slices that
@@ -289,8 +293,9 @@ class DicomCodec(Codec):
         extra = {
             "slice_files": [str(files[i]) for i in order],
             "slice_of_file": slice_of_file,
-            "sop_instance_uids": [str(datasets[i].SOPInstanceUID) for i in order],
-            "positions": [None if _position(datasets[i]) is None else _position(datasets[i]).tolist() for i in order],
+            "files": [str(f) for f in files],
+            "sop_instance_uids": [str(ds.SOPInstanceUID) for ds in datasets],
+            "positions": [None if _position(ds) is None else _position(ds).tolist() for ds in datasets],
             "orientation": None if iop is None else iop.tolist(),
             "pixel_spacing": None if spacing is None else [float(s) for s in spacing],
             "series_instance_uid": str(first.SeriesInstanceUID),
@@ -401,8 +406,8 @@ class DicomCodec(Codec):
             arr = arr[..., None]
         order = _slice_order(datasets, templates)
         slice_of = {i: k for k, i in enumerate(order)}
-        written = []
-        for i, (ds, f, o) in enumerate(zip(datasets, templates, outs)):
+        pixels = []
+        for i, (ds, f, o) in enumerate(zip(datasets, templates, outs)):  # validate everything before writing
             dtype = _stored_dtype(ds, f)
             if arr.dtype != dtype:
                 raise ValueError(f"{o}: array dtype {arr.dtype} is not the template's stored dtype {dtype}")
@@ -413,6 +418,9 @@ class DicomCodec(Codec):
             if px.size and (px.min() < lo or px.max() > hi):
                 raise ValueError(f"{o}: values [{px.min()}, {px.max()}] do not fit BitsStored={ds.get('BitsStored')} "
                                  f"([{lo}, {hi}]); clip before writing")
+            pixels.append(px)
+        written = []
+        for i, (ds, px, o) in enumerate(zip(datasets, pixels, outs)):
             tsyntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
             raw_template = None if tsyntax.is_compressed else ds.PixelData
             if tsyntax.is_compressed:
@@ -421,7 +429,7 @@ class DicomCodec(Codec):
                     if tag in ds:
                         del ds[tag]
                 tsyntax = ExplicitVRLittleEndian
-            ds.PixelData = self._encode(px, ds, dtype, raw_template, big_endian=tsyntax == ExplicitVRBigEndian)
+            ds.PixelData = self._encode(px, ds, px.dtype, raw_template, big_endian=tsyntax == ExplicitVRBigEndian)
             if raw_template is None:  # was encapsulated: native pixel data from now on
                 ds["PixelData"].is_undefined_length = False
                 ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
@@ -468,7 +476,7 @@ class DicomCodec(Codec):
         """A label volume voxel-aligned with ``image`` (channel-first ``int64``, validated by ``check_label``).
 
         Args:
-            path: a DICOM-SEG file or a NIfTI/NRRD/MetaImage label map.
+            path: a DICOM-SEG file, a NIfTI/NRRD/MetaImage label map or, for a single-slice series, a PNG.
             image: the series as returned by :meth:`read`.
 
         Raises:
@@ -508,13 +516,18 @@ class DicomCodec(Codec):
         shared = shared[0] if shared else None
         seg_iop = _functional(shared, "PlaneOrientationSequence", "ImageOrientationPatient")
         img_iop = None if extra.get("orientation") is None else np.asarray(extra["orientation"])
-        uid_to_slice = {u: k for k, u in enumerate(extra.get("sop_instance_uids", []))}
-        positions = [None if p is None else np.asarray(p) for p in extra.get("positions", [])]
+        slice_of_file = extra.get("slice_of_file", [])
+        uid_to_slice = {u: slice_of_file[i] for i, u in enumerate(extra.get("sop_instance_uids", []))}
+        positions: list[np.ndarray | None] = [None] * n_slices
+        for i, p in enumerate(extra.get("positions", [])):
+            positions[slice_of_file[i]] = None if p is None else np.asarray(p, dtype=np.float64)
         normal = None if img_iop is None else _normal(img_iop)
         spacing = extra.get("pixel_spacing") or [1.0, 1.0]
         label = np.zeros((cols, rows, n_slices), dtype=np.int64)
         assignments: list[tuple[int, int, int]] = []  # (segment number, frame, slice)
         for f, item in enumerate(per_frame):
+            if not frames[f].any():  # empty frames need no slice
+                continue
             seg_num = _functional(item, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
             if seg_num is None:
                 seg_num = _functional(shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
@@ -556,37 +569,50 @@ class DicomCodec(Codec):
         return label[None] if image.spatial_dims == 3 else label[None, :, :, 0]
 
     def _read_label_map(self, path: str, image: ImageData) -> np.ndarray:
-        reader = "NibabelReader" if path.lower().endswith((".nii", ".nii.gz")) else "ITKReader"
+        """A label map realigned onto the image's voxel grid.
+
+        The grid transform ``inv(image affine) @ label affine`` must be a signed axis permutation with a whole-voxel
+        offset (the same grid stored in another axis order or direction); the label is then transposed/flipped into
+        the image's layout. A 2D label without 3D geometry (PNG, or a 3x3 affine) for a single-slice series is taken
+        in MONAI's layout as is (``(1, cols, rows)``, as MONAI reads it).
+        """
+        low = path.lower()
+        if low.endswith((".nii", ".nii.gz")):
+            reader = "NibabelReader"
+        elif low.endswith((".png", ".bmp", ".jpg", ".jpeg")):
+            reader = "PILReader"
+        else:
+            reader = "ITKReader"
         arr, meta = load_with_monai(path, reader)
         if arr.shape[0] != 1:
             raise InputError(f"label has {arr.shape[0]} channels; expected one integer label map", path)
         lab = arr[0]
-        img_aff = np.asarray(image.meta.get("affine"), dtype=np.float64)
-        lab_aff = np.asarray(meta.get("affine"), dtype=np.float64)
         nd = image.spatial_dims
         if nd == 2 and lab.ndim == 3 and lab.shape[-1] == 1:
             lab = lab[..., 0]
         if lab.ndim != nd:
             raise InputError(f"label is {lab.ndim}D but the image is {nd}D", path)
-        if lab_aff.shape == (3, 3) and img_aff.shape == (4, 4):  # a 2D label map: same plane as the image assumed
-            a = np.eye(4)
-            a[:2, :2], a[:2, 3] = lab_aff[:2, :2], lab_aff[:2, 2]
-            a[2, 2:] = img_aff[2, 2:]
-            lab_aff = a
+        img_aff = np.asarray(image.meta.get("affine"), dtype=np.float64)
+        lab_aff = np.asarray(meta.get("affine", np.eye(3)), dtype=np.float64)
+        if nd == 2 and (reader == "PILReader" or lab_aff.shape == (3, 3)):
+            return np.ascontiguousarray(lab)[None]
         if img_aff.shape != (4, 4) or lab_aff.shape != (4, 4):
             raise InputError("label map or image has no usable affine; cannot align the label", path)
         t = np.linalg.solve(img_aff, lab_aff)  # label voxel -> image voxel
-        perm, shift = t[:3, :3], t[:3, 3]
-        sign = np.round(perm)
-        ok = np.allclose(perm, sign, atol=_GRID_ROT_TOL) and all(np.sum(np.abs(sign[:nd, :nd]), axis=1) == 1)
-        if not ok or (nd == 2 and (np.any(np.abs(sign[:2, 2]) > 0) or abs(shift[2]) > _GRID_SHIFT_TOL)):
+        step, shift = t[:3, :nd], t[:3, 3]  # image-voxel step per label-axis step; offset of label voxel 0
+        sign = np.round(step)
+        ok = (np.allclose(step, sign, atol=_GRID_ROT_TOL) and not np.any(sign[nd:])
+              and np.all(np.abs(sign[:nd]).sum(axis=0) == 1) and np.all(np.abs(sign[:nd]).sum(axis=1) == 1))
+        if not ok:
             raise InputError("label map's voxel grid is rotated or scaled relative to the image (affines differ); "
                              "resample it onto the image grid first", path)
+        if nd == 2 and abs(shift[2]) > _GRID_SHIFT_TOL:
+            raise InputError(f"label map lies {shift[2]:.3g} slices off the image plane", path)
         axes = [int(np.argmax(np.abs(sign[a, :nd]))) for a in range(nd)]
         out = np.transpose(lab, axes)
         for a in range(nd):
             s = sign[a, axes[a]]
-            target = 0.0 if s > 0 else out.shape[a] - 1
+            target = 0.0 if s > 0 else out.shape[a] - 1.0
             if abs(shift[a] - target) > _GRID_SHIFT_TOL:
                 raise InputError(f"label map's grid is shifted by {shift[a] - target:.3g} voxels along axis {a} "
                                  "relative to the image", path)
