@@ -310,6 +310,25 @@ def test_discover_nested_and_mixed(tmp_path):
     assert found[0]["series_uid"] == da[0].SeriesInstanceUID
 
 
+def test_discover_dicomdir_export_and_duplicates(codec, tmp_path):
+    from pydicom.fileset import FileSet
+
+    files, volume, _ = make_ct_series(tmp_path / "src", n_slices=3, prefix="x")
+    fs = FileSet()
+    for f in files:
+        fs.add(str(f))
+    fs.write(str(tmp_path / "export"))  # DICOMDIR + extension-less files with a preamble
+    found = discover_series(tmp_path / "export")
+    assert len(found) == 1 and len(found[0]["files"]) == 3 and found[0]["label"] is None
+    img = codec.read([str(tmp_path / "export" / f) for f in found[0]["files"]])
+    np.testing.assert_array_equal(img.array[0], volume.transpose(2, 1, 0))
+    ds = pydicom.dcmread(files[1])
+    ds.ImagePositionPatient = pydicom.dcmread(files[0]).ImagePositionPatient
+    ds.save_as(files[1])
+    with pytest.raises(InputError, match="same position"):
+        discover_series(tmp_path / "src")
+
+
 def test_corrupt_files_are_named(codec, ct, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(ct["folder"], root)

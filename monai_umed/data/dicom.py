@@ -774,7 +774,7 @@ def discover_series(root: PathLike) -> list[dict[str, Any]]:
     sop_to_series = {}
     for uid, items in images.items():
         if all(_position(it["ds"]) is not None and _orientation(it["ds"]) is not None for it in items):
-            order = _slice_order([it["ds"] for it in items], [it["rel"] for it in items])
+            order = _slice_order([it["ds"] for it in items], [root_p / it["rel"] for it in items])
             items = [items[i] for i in order]
         else:
             items = sorted(items, key=lambda it: (it["instance"], it["rel"]))
