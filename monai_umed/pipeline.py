@@ -18,6 +18,12 @@ datalist and key -> staging renamed to ``OUT``.
 Crash safety and resume: each finished case leaves a fragment (``<key>.parts/cases/<n>.json`` plus its delta)
 written *after* its files, so ``--resume`` redoes nothing finished and an interrupted run never looks complete.
 Per-case randomness comes from ``(seed, case_id)``, so a resumed run writes the same bytes as an uninterrupted one.
+
+Under ``torchrun`` (:mod:`monai_umed.distributed`) every rank protects its share of the unfinished cases into the
+same staging and work folders; a fitted method is fitted once (by rank 0 alone, or by every rank with DDP when the
+protector supports it) and every rank protects with rank 0's fitted state; rank 0 alone writes manifest, datalist and
+key once every fragment exists. A failed rank stops every rank with an error naming it and leaves fragments that
+``--resume`` (with any number of processes) completes.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from monai_umed import __version__, protectors
+from monai_umed import __version__, distributed, protectors
 from monai_umed.data.datalist import Case, DatasetSpec, load_dataset
 from monai_umed.data.formats import ImageData, array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
 from monai_umed.errors import InputError
@@ -130,12 +136,15 @@ def _write_json(path: Path, obj: Any) -> None:
 class _Job:
     """Paths and bookkeeping of one protection run (staging folder, work folder with fragments)."""
 
-    def __init__(self, spec: DatasetSpec, output: Path, key: Path, config: dict[str, Any], resume: bool) -> None:
+    def __init__(self, spec: DatasetSpec, output: Path, key: Path, config: dict[str, Any], resume: bool,
+                 create: bool = True) -> None:
         self.spec, self.output, self.key, self.config = spec, output, key, config
         self.stage = output.with_name(output.name + ".partial")
         self.work = key.with_name(key.name + ".parts")
         self.cases_dir = self.work / "cases"
         cfg_path = self.work / "config.json"
+        if not create:  # another rank of a torchrun job set the folders up
+            return
         if self.work.exists() or self.stage.exists():
             if not resume:
                 raise InputError(f"an interrupted run exists ({self.stage.name}, {self.work.name}); pass --resume to continue it or delete them", output)
@@ -290,14 +299,89 @@ def protect_dataset(
         batch_size: cases per perturbation batch.
 
     Returns:
-        Summary: ``output``, ``key``, ``manifest``, ``cases``, ``protected``, ``seconds``, ``psnr_mean``.
+        Summary: ``output``, ``key``, ``manifest``, ``cases``, ``protected``, ``seconds``, ``psnr_mean``; under
+        ``torchrun`` every rank returns rank 0's summary with its own ``rank`` and the ``world_size``.
 
     Raises:
         InputError: any bad input (named file, one line); nothing is left that looks complete.
+        RankFailedError: under ``torchrun``, another rank failed (an :class:`InputError` naming it).
     """
     from tqdm.auto import tqdm
 
     t0 = time.time()
+    distributed.init_process_group(device)  # torchrun: join the job (gloo on CPU, NCCL on CUDA)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    progress = progress and main
+    hint = "finished cases are kept: fix the cause and rerun with --resume"
+    with distributed.stage("setting up"):
+        spec, out, key_path, protector, protect_idx, copy_idx, config = _setup(
+            dataset, output, method, key, epsilon, epochs, params, split, device, seed, resume, protector, intensity,
+            new_uids)
+        job = _Job(spec, out, key_path, config, resume) if main else None
+        if main:
+            distributed.clear_abort(job.work)
+    if job is None:
+        job = _Job(spec, out, key_path, config, resume, create=False)
+
+    # fit on the training cases being protected (never on test), once; the state survives an interruption
+    state_path = job.work / "protector.pt"
+    if protector.fits and not protector.fitted:
+        together = distributed.is_distributed() and distributed.supports_distributed_fit(protector)
+        with distributed.stage("fitting", job.work, hint=hint):
+            if state_path.is_file():
+                protector.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+            else:
+                if main or together:
+                    fit_idx = [i for i in protect_idx if spec.cases[i].split == "training"] or protect_idx
+                    items = [load_case(spec, spec.cases[i], intensity) for i in tqdm(fit_idx, desc="load", disable=not progress, unit="case")]
+                    protector.fit(_Samples(items), progress=progress, checkpoint=job.work / "fit.ckpt")
+                    del items
+                if main:
+                    buf = io.BytesIO()
+                    torch.save(protector.state_dict(), buf)
+                    with atomic_path(state_path) as tmp:
+                        tmp.write_bytes(buf.getvalue())
+                else:  # protect with exactly rank 0's fitted state
+                    distributed.wait_for(state_path.is_file, job.work, "fitting", hint=hint)
+                    protector.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+
+    # every rank protects its share of the unfinished cases; rank 0 decides which are unfinished
+    todo = distributed.broadcast_object([i for i in protect_idx if not job.done(i)] if main else None)
+    mine = todo[rank::world]
+    with distributed.stage("protecting", job.work, hint=hint), torch.no_grad(), tqdm(
+            total=len(protect_idx), initial=len(protect_idx) - len(todo), desc=f"protect ({protector.name})",
+            disable=not progress, unit="case") as bar:
+        for chunk in _batches(mine, max(1, batch_size)):
+            distributed.check_abort(job.work, "protecting", hint)
+            loaded = [(i, load_case(spec, spec.cases[i], intensity)) for i in chunk]
+            _protect_batch(job, protector, loaded, new_uids)
+            if world > 1:  # the bar counts every rank's cases
+                bar.update(sum(job.done(i) for i in protect_idx) - bar.n)
+            else:
+                bar.update(len(chunk))
+        for i in copy_idx[rank::world]:
+            if not job.done(i):
+                _copy_case(job, i, spec.cases[i])
+    if world == 1:
+        return _finalise(job, protector, t0)
+    summary = None
+    if main:
+        with distributed.stage("finalising", job.work, sync=False, hint=hint):
+            missing = [spec.cases[i].case_id for i in range(len(spec.cases)) if not job.done(i)]
+            if missing:
+                raise InputError(f"cannot finalise: no fragment for {len(missing)} case(s), e.g. {missing[0]!r}", job.cases_dir)
+            summary = _finalise(job, protector, t0)
+    else:
+        distributed.wait_for(job.output.is_dir, job.work, "finalising", hint=hint)
+    summary = distributed.broadcast_object(summary)
+    return {**summary, "rank": rank, "world_size": world}
+
+
+def _setup(dataset: Any, output: Any, method: str, key: Any, epsilon: float | str, epochs: int | None,
+           params: dict[str, Any] | None, split: str, device: str, seed: int, resume: bool,
+           protector: protectors.Protector | None, intensity: str, new_uids: bool) -> tuple[Any, ...]:
+    """Validate the inputs and build the protector; the same on every rank of a torchrun job."""
     spec = load_dataset(dataset)
     out = Path(output).resolve()
     key_path = Path(key).resolve() if key is not None else default_key_path(out)
@@ -322,34 +406,7 @@ def protect_dataset(
         "split": split, "intensity": intensity, "new_uids": new_uids,
         "cases": [c.case_id for c in spec.cases],
     }
-    job = _Job(spec, out, key_path, config, resume)
-
-    # fit on the training cases being protected (never on test), once; the state survives an interruption
-    state_path = job.work / "protector.pt"
-    if protector.fits and not protector.fitted:
-        if state_path.is_file():
-            protector.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
-        else:
-            fit_idx = [i for i in protect_idx if spec.cases[i].split == "training"] or protect_idx
-            items = [load_case(spec, spec.cases[i], intensity) for i in tqdm(fit_idx, desc="load", disable=not progress, unit="case")]
-            protector.fit(_Samples(items), progress=progress, checkpoint=job.work / "fit.ckpt")
-            buf = io.BytesIO()
-            torch.save(protector.state_dict(), buf)
-            with atomic_path(state_path) as tmp:
-                tmp.write_bytes(buf.getvalue())
-            del items
-
-    todo = [i for i in protect_idx if not job.done(i)]
-    with torch.no_grad(), tqdm(total=len(protect_idx), initial=len(protect_idx) - len(todo), desc=f"protect ({protector.name})",
-                               disable=not progress, unit="case") as bar:
-        for chunk in _batches(todo, max(1, batch_size)):
-            loaded = [(i, load_case(spec, spec.cases[i], intensity)) for i in chunk]
-            _protect_batch(job, protector, loaded, new_uids)
-            bar.update(len(chunk))
-    for i in copy_idx:
-        if not job.done(i):
-            _copy_case(job, i, spec.cases[i])
-    return _finalise(job, protector, t0)
+    return spec, out, key_path, protector, protect_idx, copy_idx, config
 
 
 def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str, Any]:
