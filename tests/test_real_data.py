@@ -13,7 +13,7 @@ import pytest
 from monai_umed.cli import main
 from monai_umed.data.formats import array_sha256, codec_for
 
-from .conftest import shared_dataset
+from conftest import shared_dataset
 
 pytestmark = pytest.mark.slow
 
