@@ -328,7 +328,9 @@ def protect_dataset(
     state_path = job.work / "protector.pt"
     if protector.fits and not protector.fitted:
         together = distributed.is_distributed() and distributed.supports_distributed_fit(protector)
-        with distributed.stage("fitting", job.work, hint=hint):
+        # a DDP fit that fails on one rank leaves the others inside DDP collectives: no status exchange then,
+        # torchrun stops them when the failed process exits
+        with distributed.stage("fitting", job.work, sync=not together, hint=hint):
             if state_path.is_file():
                 protector.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
             else:
