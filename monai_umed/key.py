@@ -47,16 +47,23 @@ def _int_view(a: np.ndarray) -> np.ndarray:
 
 
 def encode_delta(original: np.ndarray, protected: np.ndarray) -> bytes:
-    """Sparse, compressed ``protected - original`` (integer view), as ``.npz`` bytes."""
+    """Compressed ``protected - original`` (integer view), as ``.npz`` bytes.
+
+    Sparse (flat indices + values) when few elements changed, as for ROI-confined methods; dense when that is
+    smaller, as for whole-image noise. Values use the narrowest integer type that holds them.
+    """
     if original.shape != protected.shape or original.dtype != protected.dtype:
         raise ValueError("original and protected arrays must share shape and dtype")
     d = (_int_view(protected) - _int_view(original)).ravel()
     idx = np.flatnonzero(d)
-    vals = d[idx]
-    small = next((t for t in (np.int8, np.int16, np.int32) if vals.size == 0 or (vals.min() >= np.iinfo(t).min and vals.max() <= np.iinfo(t).max)), np.int64)
+    small = next((t for t in (np.int8, np.int16, np.int32) if d.size == 0 or (d.min() >= np.iinfo(t).min and d.max() <= np.iinfo(t).max)), np.int64)
+    index_type = np.uint32 if d.size < 2**32 else np.uint64
+    header = {"shape": np.asarray(original.shape, np.int64), "dtype": np.frombuffer(original.dtype.str.encode(), np.uint8)}
     buf = io.BytesIO()
-    np.savez_compressed(buf, index=idx.astype(np.uint32 if d.size < 2**32 else np.uint64), value=vals.astype(small),
-                        shape=np.asarray(original.shape, np.int64), dtype=np.frombuffer(original.dtype.str.encode(), np.uint8))
+    if idx.size * (np.dtype(index_type).itemsize + np.dtype(small).itemsize) < d.size * np.dtype(small).itemsize:
+        np.savez_compressed(buf, index=idx.astype(index_type), value=d[idx].astype(small), **header)
+    else:
+        np.savez_compressed(buf, dense=d.astype(small), **header)
     return buf.getvalue()
 
 
@@ -68,7 +75,10 @@ def decode_delta(protected: np.ndarray, payload: bytes) -> np.ndarray:
         if protected.shape != shape or protected.dtype != dtype:
             raise KeyMismatchError(f"key expects an array {shape} {dtype}, the protected file holds {protected.shape} {protected.dtype}")
         flat = _int_view(protected).ravel().copy()
-        flat[z["index"].astype(np.int64)] -= z["value"].astype(np.int64)
+        if "dense" in z.files:
+            flat -= z["dense"].astype(np.int64)
+        else:
+            flat[z["index"].astype(np.int64)] -= z["value"].astype(np.int64)
     if dtype.kind == "f":
         ints = flat.astype(np.dtype(f"i{dtype.itemsize}")).view(dtype.newbyteorder("=")).astype(dtype)
         return ints.reshape(shape)

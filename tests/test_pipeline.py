@@ -151,7 +151,11 @@ def test_key_is_sparse_zip_and_refuses_other_datasets(ds2d: Path, ds3d: Path, tm
         names = z.namelist()
         assert "key.json" in names and sum(n.startswith("deltas/") for n in names) == 6
         with np.load(__import__("io").BytesIO(z.read([n for n in names if n.startswith("deltas/")][0]))) as d:
-            assert set(d.files) == {"index", "value", "shape", "dtype"} and d["value"].dtype == np.int8
+            assert set(d.files) == {"dense", "shape", "dtype"} and d["dense"].dtype == np.int8  # whole-image noise
+    s3 = protect_dataset(ds3d, tmp_path / "p3roi", "noise", params={"region": "roi"}, progress=False)
+    with zipfile.ZipFile(s3["key"]) as z:
+        with np.load(__import__("io").BytesIO(z.read("deltas/000000.npz"))) as d:
+            assert set(d.files) == {"index", "value", "shape", "dtype"}  # ROI-confined: sparse
     with pytest.raises(KeyMismatchError):
         restore_dataset(tmp_path / "p2", s3["key"], tmp_path / "r", progress=False)
     # a tampered protected file is detected
