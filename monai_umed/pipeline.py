@@ -28,6 +28,7 @@ key once every fragment exists. A failed rank stops every rank with an error nam
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -128,6 +129,11 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def _digest(obj: Any) -> str:
+    """Short stable digest of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:32]
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=_json_default, allow_nan=True))
@@ -207,7 +213,10 @@ def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tupl
         codec = codec_for(lc.paths if isinstance(lc.case.image, list) else lc.paths[0])
         outs = [codec.output_relpath(p) for p in lc.case.image_files]
         targets = [str(job.stage / o) for o in outs]
-        options: dict[str, Any] = {"new_uids": True} if (new_uids and codec.fmt == "dicom") else {}
+        options: dict[str, Any] = {}
+        if new_uids and codec.fmt == "dicom":
+            # new UIDs differ between runs with different settings, and repeat exactly on resume
+            options = {"new_uids": True, "uid_salt": _digest(job.config)}
         written = codec.write(lc.paths if codec.fmt == "dicom" else lc.paths[0],
                               targets if codec.fmt == "dicom" else targets[0], protected, **options)
         label = None
