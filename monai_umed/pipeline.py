@@ -436,7 +436,8 @@ def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str
         "max_abs_delta": max((r["max_abs_delta"] for r in protected), default=0.0),
         "jpeg_as_png": sum(1 for r in protected if r["fmt"] == "jpeg"),
     }
-    manifest_cases = [{k: v for k, v in r.items() if k not in ("delta", "mapping")} | {"method": protector.name} for r in records]
+    manifest_cases = [{k: v for k, v in r.items() if k not in ("delta", "mapping")}
+                      | {"method": protector.name, "params": summary["params"]} for r in records]
     _write_json(job.stage / "manifest.json", {"summary": summary, "cases": manifest_cases})
     files = [f for r in records for f in r["files"]] + [r["label"] for r in records if r["label"]]
     files.append({"output": "manifest.json", "sha256": file_sha256(job.stage / "manifest.json")})
@@ -448,7 +449,7 @@ def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str
             torch.save(protector.state_dict(), buf)
             state = buf.getvalue()
     record = {**summary, "fingerprint": fingerprint(files), "datalist": datalist,
-              "cases": [r | {"files": r["files"]} for r in records], "manifest": files[-1]}
+              "cases": records, "manifest": files[-1]}
     write_key(job.key, record, (((r["delta"]), (job.cases_dir / Path(r["delta"]).name).read_bytes()) for r in protected), state)
     os.replace(job.stage, job.output)
     shutil.rmtree(job.work, ignore_errors=True)
