@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["roi_mask", "structuring_element", "contour_band", "texture_energy", "texture_bound", "spacing_of"]
+__all__ = [
+    "roi_mask",
+    "structuring_element",
+    "contour_band",
+    "texture_energy",
+    "texture_stats",
+    "texture_bound",
+    "spacing_of",
+]
 
 
 def _as_label_array(label: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -146,9 +154,18 @@ def contour_band(
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    sd = x.ndim - 1
-    pool = F.avg_pool2d if sd == 2 else F.avg_pool3d
-    return pool(x[None], kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)[0]
+    """Mean over the in-image part of a ``window``-sized box around each voxel (separable running sums, float64)."""
+    h = window // 2
+    out = x.to(torch.float64)
+    for dim in range(1, x.ndim):
+        n = out.shape[dim]
+        pad = [0, 0] * (out.ndim - 1 - dim) + [h + 1, h]
+        c = F.pad(out, pad).cumsum(dim)
+        idx = torch.arange(n, device=x.device)
+        out = c.narrow(dim, 2 * h + 1, n) - c.narrow(dim, 0, n)
+        count = (torch.clamp(idx + h, max=n - 1) - torch.clamp(idx - h, min=0) + 1).to(torch.float64)
+        out = out / count.reshape([-1] + [1] * (out.ndim - 1 - dim))
+    return out
 
 
 def texture_energy(image: torch.Tensor | np.ndarray, window: int = 5) -> torch.Tensor:
@@ -169,32 +186,20 @@ def texture_energy(image: torch.Tensor | np.ndarray, window: int = 5) -> torch.T
     return var.sqrt().to(torch.float32)
 
 
-def texture_bound(
+def texture_stats(
     image: torch.Tensor | np.ndarray,
     label: torch.Tensor | np.ndarray,
     window: int = 5,
-    b_min: float = 0.25,
     quantiles: tuple[float, float] = (0.0, 1.0),
-) -> torch.Tensor:
-    """The texture-aware adaptive bound ``B(x)`` (METHODS.md section 1.3).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel texture-energy levels inside the ROI that :func:`texture_bound` maps to ``b_min`` and 1.
 
-    The texture energy of each channel is mapped linearly to ``[b_min, 1]`` between its ``quantiles`` inside the
-    ROI (clipped outside them), so the most textured ROI voxels get the full budget and the flattest ``b_min`` of
-    it. Outside the ROI the bound is 0.
-
-    Args:
-        image: ``C x spatial`` float image (normalised units).
-        label: ``1 x spatial`` label map (ROI = ``label > 0``).
-        window: texture window ``k``.
-        b_min: bound in the flattest regions, in ``[0, 1]``.
-        quantiles: lower and upper quantile of the ROI's texture energy mapped to ``b_min`` and 1 (``(0, 1)``: min
-            and max; e.g. ``(0.05, 0.95)`` is robust to a few specular highlights).
+    Computing them once per case lets :func:`texture_bound` run on crops (with a margin of ``window // 2``) and
+    still give exactly the whole-image bound.
 
     Returns:
-        ``C x spatial`` float32 tensor, 0 outside the ROI and in ``[b_min, 1]`` inside it.
+        ``(low, high)``, each a float tensor with one entry per channel (zeros when the ROI is empty).
     """
-    if not 0.0 <= b_min <= 1.0:
-        raise ValueError(f"b_min must lie in [0, 1], got {b_min}")
     lo_q, hi_q = float(quantiles[0]), float(quantiles[1])
     if not 0.0 <= lo_q < hi_q <= 1.0:
         raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles}")
@@ -203,18 +208,59 @@ def texture_bound(
     if tuple(roi.shape[1:]) != tuple(x.shape[1:]):
         raise ValueError(f"label shape {tuple(roi.shape)} does not match image shape {tuple(x.shape)}")
     energy = texture_energy(x, window)
-    out = torch.zeros_like(energy)
     m = roi[0]
-    if not bool(m.any()):
-        return out
-    for c in range(energy.shape[0]):
-        vals = energy[c][m].to(torch.float64)
-        lo = torch.quantile(vals, lo_q) if lo_q > 0 else vals.min()
-        hi = torch.quantile(vals, hi_q) if hi_q < 1 else vals.max()
-        span = float(hi - lo)
-        if span <= 1e-12:
-            norm = torch.ones_like(energy[c], dtype=torch.float64)
-        else:
-            norm = ((energy[c].to(torch.float64) - lo) / span).clamp(0.0, 1.0)
-        out[c] = torch.where(m, b_min + (1.0 - b_min) * norm, torch.zeros_like(norm)).to(torch.float32)
-    return out
+    lo = torch.zeros(energy.shape[0], dtype=torch.float32, device=energy.device)
+    hi = torch.zeros_like(lo)
+    if bool(m.any()):
+        for c in range(energy.shape[0]):
+            vals = energy[c][m]
+            if vals.numel() > 1_000_000:  # torch.quantile's size limit: an evenly strided subsample
+                vals = vals[:: -(-vals.numel() // 1_000_000)]
+            lo[c] = torch.quantile(vals, lo_q) if lo_q > 0 else vals.min()
+            hi[c] = torch.quantile(vals, hi_q) if hi_q < 1 else vals.max()
+    return lo, hi
+
+
+def texture_bound(
+    image: torch.Tensor | np.ndarray,
+    label: torch.Tensor | np.ndarray,
+    window: int = 5,
+    b_min: float = 0.25,
+    quantiles: tuple[float, float] = (0.0, 1.0),
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The texture-aware adaptive bound ``B(x)`` (METHODS.md section 1.3).
+
+    The texture energy of each channel is mapped linearly to ``[b_min, 1]`` between its ``quantiles`` inside the
+    ROI (clipped outside them), so the most textured ROI voxels get the full budget and the flattest ``b_min`` of
+    it. Outside the ROI the bound is 0. A channel whose ROI energy is constant gets the full bound.
+
+    Args:
+        image: ``C x spatial`` float image (normalised units).
+        label: ``1 x spatial`` label map (ROI = ``label > 0``).
+        window: texture window ``k``.
+        b_min: bound in the flattest regions, in ``[0, 1]``.
+        quantiles: lower and upper quantile of the ROI's texture energy mapped to ``b_min`` and 1 (``(0, 1)``: min
+            and max; e.g. ``(0.05, 0.95)`` is robust to a few specular highlights).
+        stats: precomputed ``(low, high)`` from :func:`texture_stats` (e.g. of the whole image when ``image`` is a
+            crop of it); ``quantiles`` is then ignored.
+
+    Returns:
+        ``C x spatial`` float32 tensor, 0 outside the ROI and in ``[b_min, 1]`` inside it.
+    """
+    if not 0.0 <= b_min <= 1.0:
+        raise ValueError(f"b_min must lie in [0, 1], got {b_min}")
+    x = torch.as_tensor(image)
+    roi = roi_mask(torch.as_tensor(label) if not torch.is_tensor(label) else label).to(x.device)
+    if tuple(roi.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"label shape {tuple(roi.shape)} does not match image shape {tuple(x.shape)}")
+    if not bool(roi.any()):
+        return torch.zeros(tuple(x.shape), dtype=torch.float32, device=x.device)
+    lo, hi = stats if stats is not None else texture_stats(x, label, window, quantiles)
+    energy = texture_energy(x, window)
+    shape = (-1,) + (1,) * (energy.ndim - 1)
+    lo = torch.as_tensor(lo, dtype=torch.float32, device=energy.device).reshape(shape)
+    hi = torch.as_tensor(hi, dtype=torch.float32, device=energy.device).reshape(shape)
+    span = hi - lo
+    norm = torch.where(span > 1e-12, (energy - lo) / span.clamp_min(1e-12), torch.ones_like(energy)).clamp(0.0, 1.0)
+    return torch.where(roi, b_min + (1.0 - b_min) * norm, torch.zeros_like(norm))

@@ -1,0 +1,884 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""UMed: contour- and texture-aware unlearnable perturbations (METHODS.md section 1).
+
+Lin et al., "Safeguarding Medical Image Segmentation Datasets against Unauthorized Training via Contour- and
+Texture-Aware Perturbations", arXiv 2403.14250 (2024).
+
+Two learned perturbators, confined to the labelled structures:
+
+- ``G_c`` (contour): ``delta_c = eps_c * tanh(F_c(x, M_c, M_roi)) * M_c``, ``F_c`` an encoder-decoder of central
+  difference convolutions (:class:`~monai_umed.networks.generator.PerturbationGenerator`, ``theta``), ``M_c`` the
+  contour band of radius ``contour_radius`` around every labelled class.
+- ``G_t`` (texture): ``delta_t = eps_t * B(x) * tanh(F_t(x, M_roi)) * M_roi`` with the texture-aware adaptive
+  bound ``B`` (:func:`~monai_umed.masks.texture_bound`): local standard deviation normalised to ``[b_min, 1]``.
+- ``delta = clip(x + delta_c + delta_t, 0, 1) - x`` after projecting the sum voxel-wise onto
+  ``|delta| <= eps_c`` on the band and ``|delta| <= eps_t * B`` elsewhere in the ROI; 0 everywhere else.
+
+Distance measure: L-inf, per voxel and region as above (``eps_c = eps_t = epsilon`` by default), in the normalised
+``[0, 1]`` space. The generators are fitted by min-min against a MONAI UNet surrogate (``DiceCELoss``): ``n_gen``
+Adam steps on the generators minimising the surrogate's loss on the protected image, then ``n_sur`` steps on the
+surrogate, for ``epochs`` passes or until the surrogate's training Dice exceeds ``stop_dice``.
+
+Surviving the unauthorised trainer's preprocessing (METHODS.md section 4.7) is part of the objective (ours): every
+protected training patch passes through a differentiable stand-in of common preprocessing before the surrogate sees
+it: random down-resize (``F.interpolate``: area, Gaussian anti-aliasing + linear as MONAI's ``Resize``, or
+antialiased bilinear; scale drawn log-uniformly from ``resize_aug``), random intensity renormalisation (none, min-max, z-score) and, for 8-bit data, the rounding of the
+written file (straight-through). Flips and 90-degree rotations are applied to ``(x', y)`` as well. The generators
+run at ``1 / gen_scale`` of the native resolution and their output is upsampled (bilinear/trilinear) before the
+masks and the budget are applied, which both cuts CPU cost and gives the perturbation the low-frequency structure
+that resampling preserves; masks and budgets stay at native resolution.
+
+After fitting, protection is one forward pass of the two generators per case, batched by shape, under
+``torch.no_grad``, with sliding windows (``monai.inferers.sliding_window_inference``) for images larger than
+``sw_roi_size``.
+
+Args (defaults):
+    epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels),
+    contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions),
+    mode (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
+    epochs (None: 8 in 2D, 30 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators),
+    surrogate_lr (1e-3), batch_size (8), patch_size (None: 160 in 2D, 64 in 3D), resize_aug (``auto``: scales
+    ``(0.3, 1.0)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range), gen_scale (None: 2 in 2D, 1 in
+    3D), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)), quantise_levels (``auto``: 255 for 8-bit
+    data, else none), sw_roi_size (None: twice the training patch at generator resolution), sw_overlap (0.25),
+    infer_batch_size (8), spatial_dims, seed (0), device (``auto``).
+
+Shapes: ``image`` ``(C, H, W[, D])`` float in ``[0, 1]``; ``label`` ``(1, H, W[, D])`` int; ``delta`` like ``image``.
+
+Example::
+
+    p = UMedProtector(epsilon=4 / 255, epochs=8).fit(train_samples, checkpoint="umed.ckpt")
+    delta = p.perturbation(image, label, case_id="case_001")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.networks.layers.convutils import gaussian_1d
+from tqdm.auto import tqdm
+
+from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
+from monai_umed.networks.generator import PerturbationGenerator
+from monai_umed.protectors.base import Protector, case_seed
+from monai_umed.protectors.surrogate import Surrogate, augment_pair
+
+__all__ = ["UMedProtector"]
+
+_MODES = ("both", "contour", "texture")
+
+
+def _as_float_pair(value: Any, name: str) -> tuple[float, float] | None:
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("none", "false", "off", "0")):
+        return None
+    if isinstance(value, str):
+        value = [float(v) for v in value.replace(":", ",").split(",") if v.strip()]
+    if isinstance(value, (int, float)):
+        value = (float(value), 1.0)
+    vals = tuple(float(v) for v in value)
+    if len(vals) != 2 or not 0.0 < vals[0] <= vals[1]:
+        raise ValueError(f"{name} must be a pair 0 < low <= high, got {value!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _as_int_tuple(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [int(float(v)) for v in value.replace("x", ",").split(",") if v.strip()]
+    if isinstance(value, (int, float)):
+        value = (int(value),)
+    vals = tuple(int(v) for v in value)
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"{name} must be positive integers, got {value!r}")
+    return vals
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class UMedProtector(Protector):
+    """Contour- and texture-aware perturbation generators fitted by min-min (UMed); see the module docstring.
+
+    Args:
+        epsilon: L-inf budget in normalised units (default for both regions).
+        epsilon_c: budget on the contour band (``None``: ``epsilon``).
+        epsilon_t: budget scale inside the ROI, multiplied by the texture bound ``B`` (``None``: ``epsilon``).
+        contour_radius: contour band radius in voxels.
+        contour_radius_mm: band radius in mm, used when the image's spacing is known (``MetaTensor`` ``pixdim`` or a
+            ``spacing`` entry in the training samples); overrides ``contour_radius``.
+        theta: CDC ``theta`` of the contour generator (0: plain convolutions, the ablation).
+        mode: ``both`` (UMed), ``contour`` (``G_c`` only) or ``texture`` (``G_t`` only).
+        texture_window: window ``k`` of the local standard deviation.
+        b_min: texture bound in the flattest ROI regions.
+        texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
+        epochs: passes over the training samples (``None``: 8 in 2D, 30 in 3D).
+        n_gen: generator steps per batch.
+        n_sur: surrogate steps per batch.
+        stop_dice: stop when the surrogate's mean training Dice over an epoch exceeds this.
+        lr: Adam learning rate of the generators.
+        surrogate_lr: Adam learning rate of the surrogate.
+        batch_size: training patches per step.
+        patch_size: training patch size in native voxels (int or one per dim; ``None``: 160 in 2D, 64 in 3D,
+            clipped to the largest training image).
+        resize_aug: scale range of the random down-resize stand-in, ``auto``, or ``False``.
+        gen_scale: the generators run at ``1 / gen_scale`` of the native resolution (``None``: 2 in 2D, 1 in 3D).
+        channels: generator channels per level.
+        surrogate_channels: surrogate UNet channels per level.
+        quantise_levels: simulate rounding to ``levels`` grey levels while fitting (``auto``: 255 when every
+            training image is a multiple of 1/255, i.e. came from an 8-bit file; ``None``/0: off).
+        sw_roi_size: sliding-window size at generator resolution for protection (``None``: twice the training patch).
+        sw_overlap: sliding-window overlap.
+        infer_batch_size: cases (or windows) per generator forward when protecting.
+        spatial_dims: 2 or 3 (inferred from the data when None).
+        seed: run seed (initialisation, patch sampling, augmentation).
+        device: ``auto`` | ``cpu`` | ``cuda``.
+
+    Raises:
+        ValueError: a bad mode, budget or size.
+    """
+
+    name = "umed"
+    requires_label = True
+    fits = True
+
+    def __init__(
+        self,
+        epsilon: float = 8 / 255,
+        epsilon_c: float | None = None,
+        epsilon_t: float | None = None,
+        contour_radius: float = 2,
+        contour_radius_mm: float | None = None,
+        theta: float = 0.7,
+        mode: str = "both",
+        texture_window: int = 5,
+        b_min: float = 0.25,
+        texture_quantiles: Sequence[float] | str = (0.05, 0.95),
+        min_psnr: float | None = 50.0,
+        epochs: int | None = None,
+        n_gen: int = 1,
+        n_sur: int = 1,
+        stop_dice: float = 0.99,
+        lr: float = 2e-3,
+        surrogate_lr: float = 1e-3,
+        batch_size: int = 8,
+        patch_size: int | Sequence[int] | str | None = None,
+        resize_aug: Any = "auto",
+        gen_scale: float | None = None,
+        channels: Sequence[int] | str = (16, 32, 64),
+        surrogate_channels: Sequence[int] | str = (16, 32, 64, 128),
+        quantise_levels: int | str | None = "auto",
+        sw_roi_size: int | Sequence[int] | str | None = None,
+        sw_overlap: float = 0.25,
+        infer_batch_size: int = 8,
+        spatial_dims: int | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = "auto",
+    ) -> None:
+        super().__init__(epsilon=epsilon, spatial_dims=spatial_dims, seed=seed, epochs=epochs, device=device)
+        self.epsilon_c = self.epsilon if epsilon_c is None else float(epsilon_c)
+        self.epsilon_t = self.epsilon if epsilon_t is None else float(epsilon_t)
+        for n, v in (("epsilon_c", self.epsilon_c), ("epsilon_t", self.epsilon_t)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{n} must lie in [0, 1] (normalised units), got {v}")
+        if str(mode) not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        self.mode = str(mode)
+        self.contour_radius = float(contour_radius)
+        self.contour_radius_mm = None if contour_radius_mm in (None, "", "none") else float(contour_radius_mm)
+        if self.contour_radius < 0 or (self.contour_radius_mm is not None and self.contour_radius_mm < 0):
+            raise ValueError("contour radius must be >= 0")
+        self.theta = float(theta)
+        if not 0.0 <= self.theta <= 1.0:
+            raise ValueError(f"theta must lie in [0, 1], got {theta}")
+        self.texture_window = int(texture_window)
+        self.b_min = float(b_min)
+        tq = _as_float_pair(texture_quantiles, "texture_quantiles") if not isinstance(texture_quantiles, str) else (
+            tuple(float(v) for v in texture_quantiles.split(",")))
+        if tq is None or len(tq) != 2:
+            raise ValueError(f"texture_quantiles must be a pair, got {texture_quantiles!r}")
+        self.texture_quantiles = (float(tq[0]), float(tq[1]))
+        self.min_psnr = None if min_psnr in (None, "", "none", 0) else float(min_psnr)
+        self.n_gen, self.n_sur = int(n_gen), int(n_sur)
+        if self.n_gen < 1 or self.n_sur < 0:
+            raise ValueError("n_gen must be >= 1 and n_sur >= 0")
+        self.stop_dice = float(stop_dice)
+        self.lr, self.surrogate_lr = float(lr), float(surrogate_lr)
+        self.batch_size = int(batch_size)
+        self.patch_size = _as_int_tuple(patch_size, "patch_size")
+        if isinstance(resize_aug, str) and resize_aug.lower() == "auto":
+            self.resize_aug: Any = "auto"
+        else:
+            self.resize_aug = _as_float_pair(resize_aug, "resize_aug")
+        self.gen_scale = None if gen_scale in (None, "", "none") else float(gen_scale)
+        if self.gen_scale is not None and self.gen_scale < 1.0:
+            raise ValueError(f"gen_scale must be >= 1, got {gen_scale}")
+        self.channels = _as_int_tuple(channels, "channels")
+        self.surrogate_channels = _as_int_tuple(surrogate_channels, "surrogate_channels")
+        if isinstance(quantise_levels, str) and quantise_levels.lower() == "auto":
+            self.quantise_levels: Any = "auto"
+        else:
+            self.quantise_levels = int(quantise_levels) if quantise_levels not in (None, "", "none") else 0
+        self.sw_roi_size = _as_int_tuple(sw_roi_size, "sw_roi_size")
+        self.sw_overlap = float(sw_overlap)
+        self.infer_batch_size = max(1, int(infer_batch_size))
+        self.in_channels: int | None = None
+        self.num_classes: int | None = None
+        self.gen_c: PerturbationGenerator | None = None
+        self.gen_t: PerturbationGenerator | None = None
+        self.history: list[dict[str, float]] = []
+        self._levels_resolved: int = 0
+
+    @property
+    def max_epsilon(self) -> float:
+        """The largest per-voxel change UMed can make (the pipeline clamps quantised perturbations to it)."""
+        return max(self.epsilon_c, self.epsilon_t) if self.mode == "both" else (
+            self.epsilon_c if self.mode == "contour" else self.epsilon_t)
+
+    # -- resolved settings -----------------------------------------------------------------------------------------
+    def _sd(self) -> int:
+        if self.spatial_dims is None:
+            raise RuntimeError("spatial_dims is not known yet: fit the protector or pass spatial_dims")
+        return int(self.spatial_dims)
+
+    def _epochs(self) -> int:
+        return int(self.epochs) if self.epochs is not None else (8 if self._sd() == 2 else 30)
+
+    def _gen_scale(self) -> float:
+        return self.gen_scale if self.gen_scale is not None else (2.0 if self._sd() == 2 else 1.0)
+
+    def _resize_range(self) -> tuple[float, float] | None:
+        if self.resize_aug == "auto":
+            return (0.3, 0.6) if self._sd() == 2 else None
+        return self.resize_aug
+
+    def _patch(self, max_shape: Sequence[int]) -> tuple[int, ...]:
+        sd = self._sd()
+        p = self.patch_size or ((128,) if sd == 2 else (64,))
+        p = tuple(p) * sd if len(p) == 1 else tuple(p)
+        if len(p) != sd:
+            raise ValueError(f"patch_size {self.patch_size} does not have {sd} entries")
+        return tuple(min(a, int(b)) for a, b in zip(p, max_shape))
+
+    # -- masks and budget ------------------------------------------------------------------------------------------
+    def _regions(
+        self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M_c, M_roi)`` of one case (``1 x spatial`` bool, CPU); the band is empty in ``texture`` mode."""
+        lab = torch.as_tensor(label).detach().cpu()
+        if spacing is None:
+            spacing = spacing_of(image)
+        if spacing is not None:
+            spacing = tuple(float(v) for v in spacing)[: self._sd()]
+        m_roi = roi_mask(lab)
+        if self.mode == "texture":
+            return torch.zeros_like(m_roi), m_roi
+        return contour_band(lab, radius=self.contour_radius, spacing=spacing, radius_mm=self.contour_radius_mm), m_roi
+
+    def _maps(
+        self,
+        img: torch.Tensor,
+        lab: torch.Tensor,
+        m_c: torch.Tensor,
+        m_roi: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor] | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a_c, a_t, limit)`` for an image (or a crop of one, with the whole image's texture ``stats``)."""
+        mc_f = m_c.to(torch.float32).expand_as(img)
+        if self.mode == "contour" or stats is None:
+            bound = torch.zeros_like(img)
+        else:
+            bound = texture_bound(img, lab, self.texture_window, self.b_min, stats=stats)
+        a_c = self.epsilon_c * mc_f if self.mode != "texture" else torch.zeros_like(img)
+        a_t = self.epsilon_t * bound
+        limit = torch.where(mc_f > 0, a_c, a_t) if self.mode != "texture" else a_t
+        a_c, a_t, limit = a_c * scale, a_t * scale, limit * scale
+        if self._levels_resolved > 0:
+            limit = torch.floor(limit * self._levels_resolved + 1e-4) / self._levels_resolved
+        return a_c, a_t, limit
+
+    def _case_stats(
+        self, img: torch.Tensor, lab: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
+        """Whole-image quantities of a case: the texture-energy levels of :func:`texture_stats` and the energy
+        scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation >= ``min_psnr``."""
+        stats = None
+        if self.mode != "contour" and bool(m_roi.any()):
+            stats = texture_stats(img, lab, self.texture_window, self.texture_quantiles)
+        scale = 1.0
+        if self.min_psnr is not None:
+            saved, self._levels_resolved = self._levels_resolved, 0
+            limit = self._maps(img, lab, m_c, m_roi, stats, 1.0)[2]
+            self._levels_resolved = saved
+            mse = float((limit.double() ** 2).mean())
+            target = 10.0 ** (-self.min_psnr / 10.0)
+            if mse > target:
+                scale = math.sqrt(target / mse)
+        return stats, scale
+
+    def _case_maps(
+        self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-case maps at native resolution, all on the CPU: ``(M_c, M_roi, a_c, a_t, limit)``.
+
+        ``delta = clamp(a_c * tanh(F_c) + a_t * tanh(F_t), -limit, limit)`` with ``a_c = s * eps_c * M_c``,
+        ``a_t = s * eps_t * B * M_roi`` and ``limit`` = ``s * eps_c`` on the band, ``s * eps_t * B`` elsewhere in
+        the ROI, 0 outside. ``s <= 1`` is the per-case energy scale that keeps the whole-image PSNR of the largest
+        admissible perturbation at ``min_psnr`` or above; with ``quantise_levels`` the limit is floored to whole
+        grey levels, so the written (rounded) perturbation stays inside it.
+        """
+        img = torch.as_tensor(image).detach().cpu().float()
+        lab = torch.as_tensor(label).detach().cpu()
+        m_c, m_roi = self._regions(image, lab, spacing)
+        stats, scale = self._case_stats(img, lab, m_c, m_roi)
+        return (m_c, m_roi) + self._maps(img, lab, m_c, m_roi, stats, scale)
+
+    @staticmethod
+    def _combine(
+        x: torch.Tensor, raw_c: torch.Tensor, raw_t: torch.Tensor, a_c: torch.Tensor, a_t: torch.Tensor,
+        limit: torch.Tensor,
+    ) -> torch.Tensor:
+        """``delta`` from the generators' raw outputs, projected on the budget and on ``[0, 1]`` (batched)."""
+        delta = a_c * torch.tanh(raw_c) + a_t * torch.tanh(raw_t)
+        delta = torch.maximum(torch.minimum(delta, limit), -limit)
+        return (x + delta).clamp(0.0, 1.0) - x
+
+    # -- networks --------------------------------------------------------------------------------------------------
+    def _build(self, in_channels: int, num_classes: int) -> None:
+        sd = self._sd()
+        self.in_channels, self.num_classes = int(in_channels), int(num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(case_seed(self.seed, "umed-generators"))
+            self.gen_c = PerturbationGenerator(sd, in_channels + 2, in_channels, self.channels, self.theta)
+            self.gen_t = PerturbationGenerator(sd, in_channels + 1, in_channels, self.channels, 0.0)
+        self.gen_c.to(self.device)
+        self.gen_t.to(self.device)
+
+    def _gen_inputs(self, x: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor) -> torch.Tensor:
+        """Generator input ``[x, M_c, M_roi]`` at generator resolution."""
+        inp = torch.cat([x, m_c.to(x.dtype), m_roi.to(x.dtype)], dim=1)
+        s = self._gen_scale()
+        if s > 1.0:
+            size = [max(1, int(round(n / s))) for n in x.shape[2:]]
+            inp = F.interpolate(inp, size=size, mode="area")
+        return inp
+
+    def _gen_forward(self, inp: torch.Tensor) -> torch.Tensor:
+        """Both generators on a generator-resolution input; returns ``[raw_c, raw_t]`` stacked on channels."""
+        assert self.gen_c is not None and self.gen_t is not None
+        c = self.in_channels or (inp.shape[1] - 2)
+        outs = []
+        outs.append(self.gen_c(inp) if self.mode != "texture" else torch.zeros_like(inp[:, :c]))
+        outs.append(self.gen_t(torch.cat([inp[:, :c], inp[:, c + 1: c + 2]], 1)) if self.mode != "contour"
+                    else torch.zeros_like(inp[:, :c]))
+        return torch.cat(outs, dim=1)
+
+    def _raw(self, inp: torch.Tensor, native: Sequence[int], sliding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator outputs upsampled to the native size: ``(raw_c, raw_t)``."""
+        c = int(self.in_channels or 1)
+        if sliding:
+            roi = self._sw_roi()
+            out = sliding_window_inference(inp, roi, self.infer_batch_size, self._gen_forward,
+                                           overlap=self.sw_overlap, mode="gaussian", padding_mode="replicate")
+        else:
+            out = self._gen_forward(inp)
+        if tuple(out.shape[2:]) != tuple(native):
+            mode = "bilinear" if self._sd() == 2 else "trilinear"
+            out = F.interpolate(out, size=tuple(native), mode=mode, align_corners=False)
+        return out[:, :c], out[:, c:]
+
+    def _sw_roi(self) -> tuple[int, ...]:
+        sd = self._sd()
+        if self.sw_roi_size is not None:
+            r = self.sw_roi_size
+            return tuple(r) * sd if len(r) == 1 else tuple(r)
+        p = self.patch_size or ((128,) if sd == 2 else (64,))
+        p = tuple(p) * sd if len(p) == 1 else tuple(p)
+        return tuple(max(8, int(2 * v / self._gen_scale())) for v in p)
+
+    # -- fitting ---------------------------------------------------------------------------------------------------
+    def _scan(
+        self, samples: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[dict[str, Any]], int, int, list[tuple[int, ...]], int]:
+        """One pass over the samples: per-case whole-image quantities (spacing, texture stats, energy scale),
+        channels, classes, shapes and quantisation levels."""
+        cache, shapes = [], []
+        channels, k, eight_bit = None, 1, True
+        for s in samples:
+            img = torch.as_tensor(s["image"])
+            lab = torch.as_tensor(s["label"])
+            self._check_inputs(img, lab)
+            if channels is None:
+                channels = int(img.shape[0])
+            elif int(img.shape[0]) != channels:
+                raise ValueError(f"{s.get('case_id')}: {img.shape[0]} channels, expected {channels}")
+            if not torch.isfinite(img).all():
+                raise ValueError(f"{s.get('case_id')}: image contains NaN or infinite values")
+            k = max(k, int(lab.max()))
+            if eight_bit:
+                v = img.detach().float() * 255.0
+                eight_bit = bool((v - v.round()).abs().max() < 1e-3)
+            spacing = _sample_spacing(s, sd=img.ndim - 1)
+            m_c, m_roi = self._regions(img, lab, spacing)
+            stats, scale = self._case_stats(img.detach().float().cpu(), lab.cpu(), m_c, m_roi)
+            cache.append({"spacing": spacing, "stats": stats, "scale": scale})
+            shapes.append(tuple(img.shape[1:]))
+        if channels is None:
+            raise ValueError("UMed needs at least one training sample")
+        if self.quantise_levels == "auto":
+            levels = 255 if eight_bit else 0
+        else:
+            levels = int(self.quantise_levels)
+        return cache, channels, k + 1, shapes, levels
+
+    def _margin(self, spacing: Sequence[float] | None) -> list[int]:
+        """Voxels of context around a crop that make its masks and texture bound equal the whole image's."""
+        sd = self._sd()
+        if self.contour_radius_mm is not None and spacing is not None:
+            radii = [self.contour_radius_mm / float(v) for v in tuple(spacing)[:sd]]
+        else:
+            radii = [self.contour_radius] * sd
+        return [int(math.ceil(r)) + self.texture_window // 2 + 1 for r in radii]
+
+    def _sample_batch(
+        self,
+        samples: Sequence[Mapping[str, Any]],
+        cache: list[dict[str, Any]],
+        indices: Sequence[int],
+        patch: tuple[int, ...],
+        g: torch.Generator,
+    ) -> tuple[torch.Tensor, ...]:
+        """Native-resolution patches ``(x, y, M_c, M_roi, a_c, a_t, limit)`` (see :meth:`_case_maps`), centred on
+        the ROI two times in three; images smaller than the patch are zero-padded at the end.
+
+        Masks and budgets are computed on the crop plus a margin, with the whole image's texture statistics and
+        energy scale, so they equal the whole-image maps used when protecting.
+        """
+        cols: list[list[torch.Tensor]] = [[] for _ in range(7)]
+        for i in indices:
+            s = samples[i]
+            img = torch.as_tensor(s["image"]).detach().float().cpu()
+            lab = torch.as_tensor(s["label"]).detach().long().cpu()
+            info = cache[i]
+            shape = tuple(img.shape[1:])
+            virtual = [max(n, p) for n, p in zip(shape, patch)]
+            fg = torch.nonzero(lab[0] > 0)
+            r = torch.rand(1 + len(shape), generator=g)
+            if len(fg) and r[0] < 2 / 3:
+                centre = fg[int(torch.randint(len(fg), (1,), generator=g))].tolist()
+                start = [min(max(0, c - p // 2), n - p) for c, p, n in zip(centre, patch, virtual)]
+            else:
+                start = [int(float(r[1 + d]) * (n - p + 1)) for d, (n, p) in enumerate(zip(virtual, patch))]
+            stop = [min(a + p, n) for a, p, n in zip(start, patch, shape)]
+            margin = self._margin(info["spacing"])
+            ext0 = [max(0, a - m) for a, m in zip(start, margin)]
+            ext1 = [min(n, b + m) for b, m, n in zip(stop, margin, shape)]
+            ext = (slice(None),) + tuple(slice(a, b) for a, b in zip(ext0, ext1))
+            e_img, e_lab = img[ext], lab[ext]
+            m_c, m_roi = self._regions(e_img, e_lab, info["spacing"])
+            maps = (e_img, e_lab, m_c, m_roi) + self._maps(e_img, e_lab, m_c, m_roi, info["stats"], info["scale"])
+            inner = (slice(None),) + tuple(slice(a - e, b - e) for a, b, e in zip(start, stop, ext0))
+            dst = (slice(None),) + tuple(slice(0, b - a) for a, b in zip(start, stop))
+            for col, t in zip(cols, maps):
+                out = torch.zeros((t.shape[0],) + tuple(patch), dtype=t.dtype)
+                out[dst] = t[inner]
+                col.append(out)
+        return tuple(torch.stack(col).to(self.device) for col in cols)
+
+    def _standin(
+        self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, multiple: int, flips: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The differentiable stand-in of a victim's preprocessing: resize, renormalise, flip/rotate, pad."""
+        sd = x.ndim - 2
+        rng = self._resize_range()
+        r = torch.rand(4, generator=g)
+        if rng is not None:
+            lo, hi = math.log(rng[0]), math.log(rng[1])
+            scale = math.exp(lo + float(r[0]) * (hi - lo))
+            size = [max(multiple, int(round(n * scale))) for n in x.shape[2:]]
+            if list(size) != list(x.shape[2:]):
+                kind = float(r[1])
+                linear = "bilinear" if sd == 2 else "trilinear"
+                if kind < 1 / 3:
+                    x = F.interpolate(x, size=size, mode="area")
+                elif kind < 2 / 3 or sd == 3:
+                    # MONAI Resize(anti_aliasing=True): Gaussian sigma = (1/scale - 1) / 2, then (bi/tri)linear
+                    sig = [max(0.0, (n / m - 1.0) / 2.0) for n, m in zip(x.shape[2:], size)]
+                    x = F.interpolate(_gaussian_blur(x, sig), size=size, mode=linear, align_corners=False)
+                else:
+                    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+                y = F.interpolate(y.float(), size=size, mode="nearest").long()
+        dims = tuple(range(1, x.ndim))
+        if float(r[2]) < 1 / 3:
+            lo_v = x.amin(dim=dims, keepdim=True)
+            hi_v = x.amax(dim=dims, keepdim=True)
+            x = (x - lo_v) / (hi_v - lo_v).clamp_min(1e-6)
+        elif float(r[2]) < 2 / 3:
+            sdims = tuple(range(2, x.ndim))
+            x = (x - x.mean(dim=sdims, keepdim=True)) / x.std(dim=sdims, keepdim=True).clamp_min(1e-6)
+        if flips:
+            x, y = augment_pair(x, y, g)
+        pad: list[int] = []
+        for n in reversed(x.shape[2:]):
+            pad += [0, (-n) % multiple]
+        if any(pad):
+            x, y = F.pad(x, pad), F.pad(y, pad)
+        return x, y
+
+    def _quantise_st(self, x: torch.Tensor, delta: torch.Tensor, levels: int) -> torch.Tensor:
+        """``x + delta`` rounded to ``levels`` grey levels with a straight-through gradient."""
+        xp = x + delta
+        if levels <= 0:
+            return xp
+        return xp + ((xp * levels).round() / levels - xp).detach()
+
+    def _checkpoint_state(self, sur: Surrogate, opt: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+        assert self.gen_c is not None and self.gen_t is not None
+        return {
+            "epoch": epoch,
+            "gen_c": self.gen_c.state_dict(),
+            "gen_t": self.gen_t.state_dict(),
+            "opt_gen": opt.state_dict(),
+            "surrogate": sur.state_dict(),
+            "history": list(self.history),
+            "params": self.params(),
+            "spatial_dims": self.spatial_dims,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "levels": self._levels_resolved,
+            "rng": torch.get_rng_state(),
+        }
+
+    def fit(
+        self,
+        samples: Sequence[Mapping[str, Any]],
+        *,
+        progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> "UMedProtector":
+        """Fit the generators by min-min against a surrogate UNet (see the module docstring).
+
+        Args:
+            samples: sequence of dicts with ``image`` (C x spatial float in [0, 1]), ``label`` (1 x spatial int),
+                ``case_id`` and optionally ``spacing``.
+            progress: show tqdm progress bars.
+            checkpoint: file saved at the end of every epoch (generators, surrogate, optimisers, epoch, history,
+                RNG state) and resumed from when it exists; a resumed fit gives the same generators as an
+                uninterrupted one.
+
+        Returns:
+            self, fitted.
+        """
+        if len(samples) == 0:
+            raise ValueError("UMed needs at least one training sample")
+        cache, channels, num_classes, shapes, levels = self._scan(samples)
+        self._levels_resolved = levels
+        sd = self._sd()
+        max_shape = [max(s[d] for s in shapes) for d in range(sd)]
+        patch = self._patch(max_shape)
+        self._build(channels, num_classes)
+        assert self.gen_c is not None and self.gen_t is not None
+        params = [p for net, used in ((self.gen_c, self.mode != "texture"), (self.gen_t, self.mode != "contour"))
+                  if used for p in net.parameters()]
+        opt = torch.optim.Adam(params, lr=self.lr)
+        sur = Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
+                        device=self.device, seed=case_seed(self.seed, "umed-surrogate") % (2**31))
+        start_epoch, self.history = 0, []
+        if checkpoint is not None and os.path.exists(checkpoint):
+            state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            if {k: v for k, v in state.get("params", {}).items() if k != "epochs"} != {
+                k: v for k, v in self.params().items() if k != "epochs"
+            }:
+                raise ValueError(f"{checkpoint}: checkpoint was written with different UMed parameters")
+            self.gen_c.load_state_dict(state["gen_c"])
+            self.gen_t.load_state_dict(state["gen_t"])
+            opt.load_state_dict(state["opt_gen"])
+            sur.load_state_dict(state["surrogate"])
+            self.history = list(state["history"])
+            start_epoch = int(state["epoch"]) + 1
+            torch.set_rng_state(state["rng"])
+        n = len(samples)
+        n_epochs = self._epochs()
+        done = bool(self.history) and self.history[-1]["dice"] > self.stop_dice
+        bar = tqdm(total=n_epochs, initial=start_epoch, desc="umed fit", disable=not progress, unit="epoch")
+        for epoch in range(start_epoch, n_epochs):
+            if done:
+                break
+            g = torch.Generator().manual_seed(case_seed(self.seed, f"umed-epoch-{epoch}"))
+            order = torch.randperm(n, generator=g).tolist()
+            batches = [order[i: i + self.batch_size] for i in range(0, n, self.batch_size)]
+            gen_losses, sur_losses, dices = [], [], []
+            inner = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, disable=not progress)
+            for idx in inner:
+                x, y, m_c, m_roi, a_c, a_t, limit = self._sample_batch(samples, cache, idx, patch, g)
+                inp = self._gen_inputs(x, m_c, m_roi)
+                # (a) generators: minimise the surrogate's loss on the protected, preprocessed patch
+                sur.model.requires_grad_(False)
+                self.gen_c.train(), self.gen_t.train()
+                for _ in range(self.n_gen):
+                    raw_c, raw_t = self._raw(inp, x.shape[2:])
+                    delta = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
+                    xp = self._quantise_st(x, delta, levels)
+                    xa, ya = self._standin(xp, y, g, sur.multiple)
+                    loss = sur.loss(xa, ya)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    gen_losses.append(float(loss.detach()))
+                sur.model.requires_grad_(True)
+                # (b) surrogate: learn from the protected patches (augmented)
+                xp = self._quantise_st(x, delta.detach(), levels)
+                for _ in range(self.n_sur):
+                    xa, ya = self._standin(xp, y, g, sur.multiple)
+                    sur.model.train()
+                    sur.optimizer.zero_grad(set_to_none=True)
+                    logits = sur.logits(xa)
+                    l_s = sur.loss_fn(logits, ya)
+                    l_s.backward()
+                    sur.optimizer.step()
+                    sur_losses.append(float(l_s.detach()))
+                    dices.append(_dice(logits.detach().argmax(1, keepdim=True), ya))
+                inner.set_postfix(gen=f"{gen_losses[-1]:.3f}", dice=f"{dices[-1] if dices else 0:.3f}")
+            rec = {
+                "epoch": epoch,
+                "gen_loss": float(np.mean(gen_losses)) if gen_losses else float("nan"),
+                "sur_loss": float(np.mean(sur_losses)) if sur_losses else float("nan"),
+                "dice": float(np.mean(dices)) if dices else 0.0,
+            }
+            self.history.append(rec)
+            bar.update(1)
+            bar.set_postfix(gen=f"{rec['gen_loss']:.3f}", dice=f"{rec['dice']:.3f}")
+            if checkpoint is not None:
+                _atomic_save(self._checkpoint_state(sur, opt, epoch), checkpoint)
+            done = rec["dice"] > self.stop_dice
+        bar.close()
+        self.fitted = True
+        return self
+
+    # -- protection ------------------------------------------------------------------------------------------------
+    def perturbation(
+        self, image: torch.Tensor, label: torch.Tensor | None = None, case_id: str | None = None
+    ) -> torch.Tensor:
+        """``delta`` for one case (see :meth:`perturbation_batch`)."""
+        return self.perturbation_batch([image], [label], [case_id])[0]
+
+    @torch.no_grad()
+    def perturbation_batch(
+        self,
+        images: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor | None],
+        case_ids: Sequence[str | None],
+    ) -> list[torch.Tensor]:
+        """One generator forward per case, cases of the same shape batched together (no padding, so a case's
+        perturbation never depends on the other cases in its batch); sliding windows for large images.
+
+        Returns:
+            list of ``delta`` tensors (float32, each like its image, on the image's device).
+
+        Raises:
+            RuntimeError: the protector was not fitted (or loaded).
+            ValueError: a missing label or a shape mismatch.
+        """
+        if self.gen_c is None or self.gen_t is None:
+            raise RuntimeError("UMed is not fitted: call fit() or load_state_dict() first")
+        prepared = []
+        for img, lab in zip(images, labels):
+            self._check_inputs(img, lab)
+            if int(img.shape[0]) != self.in_channels:
+                raise ValueError(f"UMed was fitted on {self.in_channels}-channel images, got {img.shape[0]} channels")
+            prepared.append(self._case_maps(img, lab))
+        self.gen_c.eval(), self.gen_t.eval()
+        out: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(i)
+        roi = self._sw_roi()
+        for shape, idx in groups.items():
+            for j in range(0, len(idx), self.infer_batch_size):
+                chunk = idx[j: j + self.infer_batch_size]
+                x = torch.stack([torch.as_tensor(images[i]).detach().float().cpu() for i in chunk]).to(self.device)
+                m_c, m_roi, a_c, a_t, limit = (torch.stack([prepared[i][k] for i in chunk]).to(self.device)
+                                               for k in range(5))
+                if not bool((limit > 0).any()):
+                    deltas = torch.zeros_like(x)
+                else:
+                    inp = self._gen_inputs(x, m_c, m_roi)
+                    sliding = any(n > r for n, r in zip(inp.shape[2:], roi))
+                    if sliding and len(chunk) > 1:
+                        raws = [self._raw(inp[k: k + 1], shape[1:], sliding=True) for k in range(len(chunk))]
+                        raw_c = torch.cat([r[0] for r in raws])
+                        raw_t = torch.cat([r[1] for r in raws])
+                    else:
+                        raw_c, raw_t = self._raw(inp, shape[1:], sliding=sliding)
+                    deltas = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
+                for k, i in enumerate(chunk):
+                    dev = images[i].device if torch.is_tensor(images[i]) else torch.device("cpu")
+                    out[i] = deltas[k].float().to(dev)
+        return [o for o in out if o is not None]
+
+    def budget(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """The voxel-wise L-inf budget of a case: ``eps_c`` on the band, ``eps_t * B`` elsewhere in the ROI, 0
+        outside, times the case's ``min_psnr`` scale and floored to whole grey levels for 8-bit data."""
+        self._set_spatial_dims(image)
+        return self._case_maps(image, label, spacing)[4]
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return {
+            **super().params(),
+            "epsilon_c": self.epsilon_c,
+            "epsilon_t": self.epsilon_t,
+            "contour_radius": self.contour_radius,
+            "contour_radius_mm": self.contour_radius_mm,
+            "theta": self.theta,
+            "mode": self.mode,
+            "texture_window": self.texture_window,
+            "b_min": self.b_min,
+            "texture_quantiles": list(self.texture_quantiles),
+            "min_psnr": self.min_psnr,
+            "n_gen": self.n_gen,
+            "n_sur": self.n_sur,
+            "stop_dice": self.stop_dice,
+            "lr": self.lr,
+            "surrogate_lr": self.surrogate_lr,
+            "batch_size": self.batch_size,
+            "patch_size": None if self.patch_size is None else list(self.patch_size),
+            "resize_aug": self.resize_aug if self.resize_aug in ("auto", None) else list(self.resize_aug),
+            "gen_scale": self.gen_scale,
+            "channels": list(self.channels or ()),
+            "surrogate_channels": list(self.surrogate_channels or ()),
+            "quantise_levels": self.quantise_levels,
+            "sw_roi_size": None if self.sw_roi_size is None else list(self.sw_roi_size),
+            "sw_overlap": self.sw_overlap,
+            "infer_batch_size": self.infer_batch_size,
+            "spatial_dims": self.spatial_dims,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator weights and everything needed to protect new cases without refitting."""
+        state = super().state_dict()
+        if self.gen_c is not None and self.gen_t is not None:
+            state.update({
+                "in_channels": self.in_channels,
+                "num_classes": self.num_classes,
+                "levels": self._levels_resolved,
+                "gen_c": {k: v.detach().cpu() for k, v in self.gen_c.state_dict().items()},
+                "gen_t": {k: v.detach().cpu() for k, v in self.gen_t.state_dict().items()},
+                "history": list(self.history),
+            })
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> "UMedProtector":
+        """Restore a fitted UMed (from :meth:`state_dict`); the parameters recorded in ``state`` win.
+
+        Raises:
+            ValueError: the state belongs to another method or holds no generators.
+        """
+        super().load_state_dict(state)
+        if "gen_c" not in state:
+            raise ValueError("UMed state holds no generators: it was saved before fitting")
+        p = dict(state.get("params", {}))
+        for key in ("epsilon", "epsilon_c", "epsilon_t", "contour_radius", "contour_radius_mm", "theta", "mode",
+                    "texture_window", "b_min", "min_psnr", "gen_scale", "sw_overlap"):
+            if key in p:
+                setattr(self, key, p[key])
+        if "texture_quantiles" in p:
+            self.texture_quantiles = tuple(float(v) for v in p["texture_quantiles"])
+        for key in ("channels", "patch_size", "sw_roi_size"):
+            if key in p:
+                setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
+        for key in ("seed", "epochs", "infer_batch_size"):
+            if key in p:
+                setattr(self, key, p[key])
+        self._levels_resolved = int(state.get("levels", 0))
+        self._build(int(state["in_channels"]), int(state["num_classes"]))
+        assert self.gen_c is not None and self.gen_t is not None
+        self.gen_c.load_state_dict(state["gen_c"])
+        self.gen_t.load_state_dict(state["gen_t"])
+        self.history = list(state.get("history", []))
+        self.fitted = True
+        return self
+
+
+def _sample_spacing(sample: Mapping[str, Any], sd: int) -> tuple[float, ...] | None:
+    """Voxel spacing of a training sample: its ``spacing`` entry, its image's ``pixdim`` (``MetaTensor``) or the
+    affine in its ``meta`` dictionary; None when unknown."""
+    if sample.get("spacing") is not None:
+        return tuple(float(v) for v in sample["spacing"])[:sd]
+    sp = spacing_of(sample["image"])
+    if sp is not None:
+        return sp[:sd]
+    meta = sample.get("meta") or {}
+    affine = meta.get("affine") if isinstance(meta, Mapping) else None
+    if affine is not None:
+        a = np.asarray(affine, dtype=np.float64)
+        if a.ndim == 2 and a.shape[0] >= sd + 1:
+            return tuple(float(v) for v in np.sqrt((a[:sd, :sd] ** 2).sum(axis=0)))
+    return None
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian smoothing of a batch (B x C x spatial), differentiable; the kernel is MONAI's
+    ``gaussian_1d`` (``erf``, truncated at 4 sigma), as in ``GaussianSmooth`` and ``Resize(anti_aliasing=True)``."""
+    sd = x.ndim - 2
+    conv = F.conv2d if sd == 2 else F.conv3d
+    c = x.shape[1]
+    for d in range(sd):
+        s = float(sigma[d])
+        if s <= 0:
+            continue
+        k = gaussian_1d(torch.tensor(s), truncated=4.0, approx="erf", normalize=False).to(x)
+        r = (k.numel() - 1) // 2
+        shape = [1] * (sd + 2)
+        shape[2 + d] = k.numel()
+        pad = [0, 0] * sd
+        pad[2 * (sd - 1 - d)] = pad[2 * (sd - 1 - d) + 1] = r
+        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(shape).expand(c, *shape[1:]).contiguous(), groups=c)
+    return x
+
+
+def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean foreground Dice of a batch prediction (classes present in either map)."""
+    k = int(max(int(y.max()), int(pred.max()), 1))
+    vals = []
+    for c in range(1, k + 1):
+        p, t = pred == c, y == c
+        denom = int(p.sum() + t.sum())
+        if denom:
+            vals.append(2.0 * float((p & t).sum()) / denom)
+    return float(np.mean(vals)) if vals else 1.0
+
+
+def _atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".umed-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
