@@ -53,7 +53,7 @@ __all__ = ["evaluate", "add_command", "run", "DEFAULT_EPOCHS", "pair_training_li
 #: Default epochs per spatial dimensionality: on the shared 2-core CPU of the project one UNet victim trains in
 #: about 10 minutes with these (Kvasir-SEG 800 x 128x128; Hippocampus 208 volumes, 2 crops each); see
 #: docs/evaluation.md for the measured epoch times.
-DEFAULT_EPOCHS = {2: 15, 3: 8}
+DEFAULT_EPOCHS = {2: 10, 3: 8}
 
 
 def _stem(path: str) -> str:

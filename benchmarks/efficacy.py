@@ -1,0 +1,244 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""The efficacy benchmark (METHODS.md section 4): protect the training split with each method, judge each.
+
+For one MSD-style dataset folder with ``training`` and ``test`` lists, every requested method protects the
+training images (``monai_umed.pipeline.protect_dataset(..., split="training")``, written to disk in the source
+formats), then :func:`monai_umed.evaluation.evaluate` trains the victim on the protected files and on the clean
+ones (the clean victim is trained once and cached) and tests both on the clean test list. The ``clean`` row is the
+victim trained on the unprotected files. One table (method, PSNR whole/ROI, SSIM, max |delta|, clean-victim Dice,
+protected-victim Dice, time to protect, time per victim) is printed and written as Markdown and JSON::
+
+    python benchmarks/efficacy.py ../shared/data/kvasir_seg --methods clean,noise --out /tmp/efficacy_kvasir
+    python benchmarks/efficacy.py ../shared/data/hippocampus --methods clean,noise,umed --param umed.n_gen=5
+
+Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
+training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
+complete. Rerunning with the same ``--out`` reuses protected copies made with the same settings and cached victims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# runnable as a script from a checkout without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai_umed.errors import InputError  # noqa: E402
+from monai_umed.evaluation import DEFAULT_EPOCHS, evaluate  # noqa: E402
+from monai_umed.evaluation.metrics import read_native  # noqa: E402
+from monai_umed.evaluation.report import fmt, markdown_table, write_json, write_markdown  # noqa: E402
+from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
+from monai_umed.intensity import parse_epsilon  # noqa: E402
+
+
+def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``method.key=value`` items -> ``{method: {key: value}}`` (values read as JSON or fractions like 8/255)."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items:
+        target, eq, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not eq or not dot or not key:
+            raise InputError(f"--param expects METHOD.KEY=VALUE, got {item!r}")
+        if method not in out:
+            raise InputError(f"--param {item!r} names method {method!r}, which is not among --methods")
+        if "/" in value:
+            try:
+                out[method][key] = parse_epsilon(value)
+                continue
+            except ValueError:
+                pass
+        try:
+            out[method][key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[method][key] = value
+    return out
+
+
+def subset_dataset(dataset: Path, out: Path, max_train: int) -> Path:
+    """A dataset folder holding the first ``max_train`` training cases and the full test list, as symbolic links
+    to the original files (nothing is copied; paths stay relative to the new folder)."""
+    src_json = find_dataset_json(dataset)
+    meta = json.loads(src_json.read_text())
+    root = src_json.parent.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    keep = {"training": meta["training"][:max_train], "test": meta.get("test") or []}
+    if not keep["test"]:
+        raise InputError("dataset.json has no 'test' list", src_json)
+    new_meta = {k: v for k, v in meta.items() if k not in ("training", "validation", "test", "numTraining", "numTest")}
+    new_meta["description"] = f"{meta.get('description', '')} [first {max_train} training cases, linked]".strip()
+    for split, entries in keep.items():
+        new_meta[split] = []
+        for e in entries:
+            new_e = {}
+            for k in ("image", "label"):
+                rel = os.path.normpath(e[k])
+                link = out / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.is_symlink():
+                    link.symlink_to(root / rel)
+                new_e[k] = Path(rel).as_posix()
+            new_meta[split].append(new_e)
+    (out / "dataset.json").write_text(json.dumps(new_meta, indent=1))
+    return out
+
+
+def protect(dataset: Path, out: Path, method: str, args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+    """Protect the training split once; a finished copy made with the same settings is reused."""
+    from monai_umed.pipeline import protect_dataset
+
+    target = out / f"protected_{method}"
+    record = out / f"protected_{method}.json"
+    settings = {"dataset": str(dataset.resolve()), "method": method, "epsilon": args.epsilon, "params": params,
+                "epochs": args.protect_epochs, "seed": args.seed}
+    if target.exists():
+        if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
+            print(f"[efficacy] {method}: reusing {target}", file=sys.stderr, flush=True)
+            return json.loads(record.read_text())["summary"]
+        raise InputError(f"{target} exists but was made with other settings (or did not finish); "
+                         "delete it or choose another --out")
+    print(f"[efficacy] {method}: protecting the training split", file=sys.stderr, flush=True)
+    summary = protect_dataset(dataset, target, method=method, key=out / f"protected_{method}.umedkey",
+                              epsilon=args.epsilon, epochs=args.protect_epochs, params=params, split="training",
+                              device=args.device, seed=args.seed, progress=not args.quiet)
+    write_json({"settings": settings, "summary": summary}, record)
+    return summary
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    headers = ["method", "defence", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta", "Dice clean victim (%)",
+               "Dice protected victim (%)", "protect (s)", "victim (s)"]
+    body = []
+    for r in rows:
+        body.append([
+            r["method"], r["defence"], fmt(r["psnr"]), fmt(r["psnr_roi"]), fmt(r["ssim"], 4),
+            fmt(r["max_abs_delta"], 1), fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
+            fmt(r["protect_seconds"], 0), fmt(r["victim_seconds"], 0) + (" (cached)" if r["victim_cached"] else ""),
+        ])
+    return markdown_table(headers, body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", type=Path, help="MSD-style dataset folder with training and test lists")
+    parser.add_argument("--methods", default="clean,noise", help="comma-separated: clean and protector names")
+    parser.add_argument("--victim", default="unet", choices=("unet", "swinunetr"))
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"victim epochs (default {DEFAULT_EPOCHS[2]} for 2D, {DEFAULT_EPOCHS[3]} for 3D)")
+    parser.add_argument("--out", type=Path, default=Path("efficacy_out"), help="output folder")
+    parser.add_argument("--epsilon", type=parse_epsilon, default=8 / 255, help="L-inf budget (default 8/255)")
+    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a protector parameter, repeatable")
+    parser.add_argument("--protect-epochs", type=int, default=None, help="bound on protector fitting")
+    parser.add_argument("--max-train", type=int, default=None, help="use only the first N training cases")
+    parser.add_argument("--image-size", type=int, nargs="+", default=None,
+                        help="victim resize (default 128 for 2D datasets, native for 3D)")
+    parser.add_argument("--defence", action="append", default=None, help="defence rows (default none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", default="auto", help="torch CPU threads for the victims (default: idle cores)")
+    parser.add_argument("--cache-dir", default=None, help="trained-victim cache (default ~/.cache/monai-umed/victims)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as e:
+        print(f"efficacy: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from monai_umed import protectors
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    available = protectors.names()
+    unknown = [m for m in methods if m != "clean" and m not in available]
+    if unknown or not methods:
+        raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: clean, "
+                         f"{', '.join(available)}")
+    params = parse_params(args.param, methods)
+    if args.max_train is not None and args.max_train < 1:
+        raise InputError("--max-train must be at least 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    dataset = args.dataset
+    if args.max_train is not None:
+        dataset = subset_dataset(args.dataset, args.out / "dataset", args.max_train)
+    train = load_split(dataset, "training")
+    spatial_dims = read_native(train[0]["image"]).ndim - 1
+    image_size = args.image_size
+    if image_size is None and spatial_dims == 2:
+        image_size = [128]
+    image_size = None if image_size is None else (image_size[0] if len(image_size) == 1 else image_size)
+    threads = args.threads if args.threads == "auto" else int(args.threads)
+    rows, reports = [], {}
+    for method in methods:
+        t0 = time.perf_counter()
+        if method == "clean":
+            protected, psum = dataset, {"seconds": 0.0}
+        else:
+            psum = protect(dataset, args.out, method, args, params[method])
+            protected = Path(psum["output"])
+        print(f"[efficacy] {method}: evaluating ({args.victim})", file=sys.stderr, flush=True)
+        rep = evaluate(dataset, protected, victim=args.victim, defences=args.defence or ["none"], epochs=args.epochs,
+                       seed=args.seed, image_size=image_size, device=args.device, cache_dir=args.cache_dir,
+                       epsilon=args.epsilon, threads=threads, report=args.out / f"eval_{method}.json",
+                       progress=not args.quiet)
+        reports[method] = str(args.out / f"eval_{method}.json")
+        for r in rep["rows"]:
+            pv = r["protected_victim"]
+            rows.append({
+                "method": method, "defence": r["defence"],
+                "psnr": None if method == "clean" else rep["psnr"],
+                "psnr_roi": None if method == "clean" else rep["psnr_roi"],
+                "ssim": None if method == "clean" else rep["ssim"],
+                "max_abs_delta": None if method == "clean" else rep["max_abs_delta"],
+                "dice_clean": r["dice_clean"], "dice_protected": r["dice_protected"],
+                "dice_per_class_clean": r["dice_per_class_clean"],
+                "dice_per_class_protected": r["dice_per_class_protected"],
+                "protect_seconds": psum.get("seconds"), "victim_seconds": pv["train_seconds"],
+                "victim_cached": pv["cached"], "epoch_seconds": pv.get("epoch_seconds"),
+                "wall_seconds": time.perf_counter() - t0,
+            })
+        first_rep = rep
+        print(f"[efficacy] {method}: Dice clean victim {fmt(rows[-1]['dice_clean'], 2, True)} %, "
+              f"protected victim {fmt(rows[-1]['dice_protected'], 2, True)} %", file=sys.stderr, flush=True)
+    cfg = first_rep["config"]
+    header = (
+        f"Efficacy on `{args.dataset}` ({first_rep['datasets']['train_cases']} training cases"
+        f"{' (first ' + str(args.max_train) + ')' if args.max_train else ''}, "
+        f"{first_rep['datasets']['test_cases']} clean test cases); victim {args.victim} {cfg['victim_params']}, "
+        f"{first_rep['epochs']} epochs, seed {args.seed}, image size {first_rep['image_size'] or 'native'}, "
+        f"patch {cfg['patch_size']}, batch {cfg['batch_size']} x {cfg['num_samples']}, lr {cfg['lr']}, "
+        f"intensity {cfg['intensity']}, device {cfg['device']}, {cfg['threads']} thread(s); "
+        f"epsilon {args.epsilon:.5g} ({args.epsilon * 255:.3g}/255). Dice: mean over test cases and foreground "
+        f"classes. PSNR/SSIM/max abs delta: protected vs clean training files as written, native units."
+    )
+    text = header + "\n\n" + table(rows) + "\n"
+    print(text)
+    out_json = {"dataset": str(args.dataset), "methods": methods, "epsilon": args.epsilon, "seed": args.seed,
+                "victim": args.victim, "epochs": first_rep["epochs"], "max_train": args.max_train,
+                "image_size": first_rep["image_size"], "config": cfg, "versions": first_rep["versions"],
+                "rows": rows, "reports": reports, "params": params}
+    write_json(out_json, args.out / "efficacy.json")
+    write_markdown(text, args.out / "efficacy.md")
+    print(f"written: {args.out / 'efficacy.md'}, {args.out / 'efficacy.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
