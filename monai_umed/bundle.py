@@ -33,7 +33,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ __all__ = [
     "protect",
     "check_transforms",
     "restore",
+    "evaluate",
 ]
 
 
@@ -369,3 +370,109 @@ def restore(
     _print(f"restored {summary['restored']} images ({summary['cases']} cases) bit for bit",
            f"output:   {summary['output']}")
     return summary
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if pct else f"{value:.2f}"
+
+
+def evaluate(
+    protected: str | os.PathLike | None,
+    clean: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    victim: str = "unet",
+    defences: Sequence[str] | str = ("none",),
+    epochs: int | None = None,
+    seed: int = 0,
+    image_size: int | Sequence[int] | None = None,
+    device: str = "auto",
+    epsilon: float | str | None = None,
+    figure: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    intensity: str = "auto",
+    patch_size: Sequence[int] | None = None,
+    victim_params: Mapping[str, Any] | None = None,
+    test_key: str = "test",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Judge a protected dataset with :func:`monai_umed.evaluation.evaluate` and print where the report went.
+
+    Two victims are trained with the same recipe, one on the clean training images and one on the protected ones,
+    and both are tested on the clean test images (METHODS.md section 4).
+
+    Args:
+        protected: the protected dataset folder (``--dataset_dir``), written by the ``protect`` workflow.
+        clean: the clean dataset; None uses the source recorded in the protected folder's ``manifest.json``.
+        output_dir: new folder for ``report.json``, ``report.md`` and ``figure.png``; None: ``evaluation/`` in a
+            new temporary folder.
+        victim: ``unet`` or ``swinunetr``.
+        defences: defence specs, one report row each (``none``, ``jpeg:quality=50``, ``blur``, ...).
+        epochs: victim training epochs (None: the evaluation default for the data's dimensionality).
+        seed: victim seed.
+        image_size: size the victim resizes every image to (None keeps the native size).
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        epsilon: the protection budget (for defences that scale with it); None reads it from the manifest.
+        figure: also draw ``figure.png``.
+        cache_dir: where trained victims are cached (None: the evaluation default).
+        use_cache: reuse and store trained victims.
+        batch_size: victim batch size (None: the evaluation default).
+        lr: victim learning rate (None: the evaluation default).
+        intensity: the victim's intensity scaling.
+        patch_size: victim training patch (None: sized from the data).
+        victim_params: victim network constructor overrides.
+        test_key: the clean dataset's list used for testing.
+        progress: progress messages and bars.
+
+    Returns:
+        The evaluation report (see :data:`monai_umed.evaluation.report.REPORT_KEYS`).
+
+    Raises:
+        InputError: no protected folder, no clean dataset, or what :func:`monai_umed.evaluation.evaluate` rejects.
+    """
+    import json
+
+    from monai_umed.evaluation import evaluate as evaluate_protection
+
+    if protected is None or str(protected) == "":
+        raise InputError("pass the protected dataset folder with --dataset_dir")
+    prot = Path(protected).expanduser().resolve()
+    if not prot.is_dir():
+        raise InputError("protected dataset folder not found", prot)
+    summary: dict[str, Any] = {}
+    if (prot / "manifest.json").is_file():
+        summary = json.loads((prot / "manifest.json").read_text()).get("summary", {})
+    if clean is None or str(clean) == "":
+        if not summary.get("dataset"):
+            raise InputError("no manifest.json names the clean dataset: pass it with --clean_dir", prot)
+        clean = summary["dataset"]
+    clean_path = Path(clean).expanduser().resolve()
+    if not clean_path.exists():
+        raise InputError("clean dataset not found (pass it with --clean_dir)", clean_path)
+    if epsilon is None:
+        epsilon = summary.get("params", {}).get("epsilon", 8 / 255)
+    out = output_folder(output_dir, prefix="umed_evaluate_", name="evaluation")
+    out.mkdir(parents=True)
+    report = evaluate_protection(
+        clean_path, prot, victim=victim, defences=[defences] if isinstance(defences, str) else list(defences),
+        epochs=epochs, seed=int(seed), image_size=image_size, device=device, report=out / "report.json",
+        figure=out / "figure.png" if figure else None, cache_dir=cache_dir, use_cache=bool(use_cache),
+        batch_size=batch_size, lr=lr, intensity=intensity, patch_size=patch_size,
+        victim_params=dict(victim_params or {}), epsilon=parse_epsilon(epsilon), test_key=test_key,
+        progress=bool(progress),
+    )
+    lines = [f"victim {report['victim']}, {report['epochs']} epochs, seed {report['seed']}: Dice on "
+             f"{report['datasets']['test_cases']} clean test images"]
+    for row in report["rows"]:
+        lines.append(f"  defence {row['defence']}: trained on clean {_fmt(row['dice_clean'], True)}, "
+                     f"on protected {_fmt(row['dice_protected'], True)}")
+    lines += [f"PSNR {_fmt(report['psnr'])} dB (ROI {_fmt(report['psnr_roi'])} dB), SSIM {_fmt(report['ssim'])}",
+              f"report:   {out / 'report.json'}", f"table:    {report['report_markdown']}"]
+    if report.get("figure"):
+        lines.append(f"figure:   {report['figure']}")
+    _print(*lines)
+    return report

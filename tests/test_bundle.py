@@ -106,19 +106,43 @@ def test_key_restores_exactly(run2d: dict, tmp_path: Path) -> None:
         assert arrays_equal(source / case.image, restored / case.image), case.case_id
 
 
-def test_restore_workflow_and_load_protector(run2d: dict, tmp_path: Path) -> None:
+def test_restore_workflow_and_load_protector(run2d: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from monai.bundle import run
+
     from monai_umed.bundle import load_protector
 
     out, source = run2d["out"], run2d["source"]
-    proc = bundle(["run", "restore", "--config_file", str(CONFIGS / "restore.json"), "--dataset_dir", str(out),
-                   "--output_dir", "back", "--progress", "False"], cwd=tmp_path)
-    back = printed(proc.stdout, "output")
+    monkeypatch.chdir(tmp_path)  # the entry point of `python -m monai.bundle run`, in this process (saves a start-up)
+    run("restore", config_file=str(CONFIGS / "restore.json"), logging_file=False, dataset_dir=str(out), output_dir="back",
+        progress=False)
+    back = printed(capsys.readouterr().out, "output")
     assert back == tmp_path / "back"
     for case in load_dataset(source).cases:
         assert arrays_equal(source / case.image, back / case.image), case.case_id
     protector = load_protector(out.with_name("released.umedkey"), device="cpu")
     assert protector.name == "noise" and protector.params()["region"] == "roi"
     assert protector.epsilon == pytest.approx(4 / 255)
+
+
+def test_evaluate_workflow(run2d: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture) -> None:
+    from monai.bundle import run
+
+    monkeypatch.chdir(tmp_path)
+    run("evaluate", config_file=str(CONFIGS / "evaluate.json"), logging_file=False, dataset_dir=str(run2d["out"]),
+        output_dir="eval", epochs=1, use_cache=False, figure=False, device="cpu", progress=False)
+    stdout = capsys.readouterr().out
+    report_path = printed(stdout, "report")
+    assert report_path == tmp_path / "eval" / "report.json" and (tmp_path / "eval" / "report.md").is_file()
+    report = json.loads(report_path.read_text())
+    # the clean dataset comes from the protected folder's manifest; the budget too
+    assert report["datasets"]["clean"] == str(run2d["source"]) and report["datasets"]["protected"] == str(run2d["out"])
+    assert report["datasets"]["train_cases"] == 3 and report["datasets"]["test_cases"] == 1
+    assert report["epochs"] == 1 and report["config"]["epsilon"] == pytest.approx(4 / 255)
+    assert 0.0 <= report["dice_clean"] <= 1.0 and 0.0 <= report["dice_protected"] <= 1.0
+    assert report["max_abs_delta"] <= 4
+    assert "defence none: trained on clean" in stdout
 
 
 def test_protect_user_dataset_3d_with_key_file(tmp_path: Path) -> None:
@@ -169,7 +193,7 @@ def test_bundle_layout_and_config_syntax() -> None:
 
     for rel in ("LICENSE", "docs/README.md", "models/README.md", "configs/logging.conf"):
         assert (BUNDLE / rel).is_file(), rel
-    for name, run_id in (("protect", "protect"), ("restore", "restore")):
+    for name, run_id in (("protect", "protect"), ("restore", "restore"), ("evaluate", "evaluate")):
         parser = ConfigParser()
         parser.read_config(CONFIGS / f"{name}.json")
         assert run_id in parser, f"{name}.json has no '{run_id}' workflow"
@@ -183,7 +207,7 @@ def test_bundle_layout_and_config_syntax() -> None:
 def test_helpers_reject_bad_input(tmp_path: Path) -> None:
     from monai.transforms import Compose, LoadImaged
 
-    from monai_umed.bundle import build_protector, check_transforms, output_folder, restore, source_dataset
+    from monai_umed.bundle import build_protector, check_transforms, evaluate, output_folder, restore, source_dataset
 
     (tmp_path / "exists").mkdir()
     with pytest.raises(InputError, match="already exists"):
@@ -205,5 +229,27 @@ def test_helpers_reject_bad_input(tmp_path: Path) -> None:
         build_protector("umed", protector_file=state)
     with pytest.raises(InputError, match="--dataset_dir"):
         restore(None)
+    with pytest.raises(InputError, match="--dataset_dir"):
+        evaluate(None)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(InputError, match="--clean_dir"):
+        evaluate(tmp_path / "bare")
     with pytest.raises(InputError, match="Protectd"):
         check_transforms(Compose([LoadImaged("image")]), tmp_path, "8/255")
+
+
+@pytest.mark.slow
+def test_protect_with_no_arguments(tmp_path: Path) -> None:
+    """The command of the bundle's README, verbatim: UMed on the embedded synthetic dataset, in a new temp folder."""
+    proc = bundle(["run", "protect", "--config_file", str(CONFIGS / "protect.json")], cwd=tmp_path, timeout=1800,
+                  env={"TMPDIR": str(tmp_path)})
+    out = printed(proc.stdout, "output")
+    assert out.parent.parent == tmp_path and out.name == "protected"
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["method"] == "umed" and summary["protected"] == 10 and summary["psnr_min"] >= 50.0
+    key = printed(proc.stdout, "key")
+    restored = Path(restore_dataset(out, key, tmp_path / "restored", progress=False)["output"])
+    source = out.with_name("protected_source")
+    for case in load_dataset(source).cases:
+        assert arrays_equal(source / case.image, restored / case.image)
+    assert "Compose.inverse gives back the clean image exactly" in proc.stdout
