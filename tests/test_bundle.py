@@ -27,12 +27,14 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "umed_protect"
 CONFIGS = BUNDLE / "configs"
 
 
-def bundle(args: list[str], cwd: Path, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def bundle(args: list[str], cwd: Path, timeout: int = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` in ``cwd``; fails the test with its output when it does not exit 0."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                  f"stderr:\n{proc.stderr[-6000:]}")
     return proc
 
 
@@ -114,8 +116,8 @@ def test_restore_workflow_and_load_protector(run2d: dict, tmp_path: Path, monkey
 
     out, source = run2d["out"], run2d["source"]
     monkeypatch.chdir(tmp_path)  # the entry point of `python -m monai.bundle run`, in this process (saves a start-up)
-    run("restore", config_file=str(CONFIGS / "restore.json"), logging_file=False, dataset_dir=str(out), output_dir="back",
-        progress=False)
+    run("restore", config_file=str(CONFIGS / "restore.json"), logging_file=False, dataset_dir=str(out),
+        output_dir="back", progress=False)
     back = printed(capsys.readouterr().out, "output")
     assert back == tmp_path / "back"
     for case in load_dataset(source).cases:
