@@ -2,12 +2,14 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 """The MONAI Label app end to end: a real ``monailabel start_server`` on loopback serving synthetic studies.
 
-Runs in the label environment (``monai-umed[label]``, see README "MONAI Label"); skipped where MONAI Label is not
-installed. One server per module, stopped (its whole process group) whatever happens.
+The server tests run in the label environment (``monai-umed[label]``, see README "MONAI Label") and are skipped
+where MONAI Label is not installed; the option tests run anywhere. Each server is stopped (its whole process
+group) whatever happens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,14 +21,23 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-pytest.importorskip("monailabel", reason="MONAI Label is not installed (extra monai-umed[label], see README)")
-requests = pytest.importorskip("requests")
-nib = pytest.importorskip("nibabel")
+from monai_umed.errors import InputError
+from monai_umed.label import write_app
+from monai_umed.label.options import ProtectOptions, find_state_file, load_protector
+from monai_umed.protectors.noise import NoiseProtector
 
-from monai_umed.label import write_app  # noqa: E402
+try:  # the server tests need the label environment (extra monai-umed[label]); the option tests run anywhere
+    import monailabel  # noqa: F401
+    import requests
+except ImportError:
+    requests = None
+needs_server = pytest.mark.skipif(requests is None, reason="MONAI Label is not installed (extra monai-umed[label], "
+                                  "see README)")
 
 EPSILON = 4 / 255
 STARTUP_S = 120
@@ -85,21 +96,15 @@ def _budget(original: np.ndarray) -> float:
     return float(np.floor(EPSILON * (hi - lo) + 1e-9))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("label")
-    studies = root / "studies"
-    studies.mkdir()
-    _make_studies(studies)
-    originals = {f.relative_to(studies).as_posix(): f.read_bytes() for f in studies.rglob("*.nii.gz")}
+@contextlib.contextmanager
+def _running_server(root: Path, studies: Path, *extra: str) -> Iterator[str]:
+    """``monailabel start_server`` with the monai-umed app on a free loopback port; yields its URL and stops the
+    server's whole process group on exit, whatever happened."""
     app = write_app(root / "app").parent
     port = _free_port()
     exe = Path(sys.executable).with_name("monailabel")
     cmd = [str(exe) if exe.exists() else (shutil.which("monailabel") or "monailabel"), "start_server",
-           "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--uvicorn_app", "monai_umed.label.server:app",
-           "--conf", "method", "noise", "--conf", "epsilon", "4/255", "--conf", "params", '{"region":"roi"}',
-           "--conf", "releases", str(root / "releases")]
+           "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), *extra]
     env = dict(os.environ, MONAILABEL_PYEXE=sys.executable, MONAI_LABEL_SESSION_PATH=str(root / "sessions"),
                MONAI_LABEL_TRACKING_ENABLED="false", PYTHONUNBUFFERED="1")
     log = root / "server.log"
@@ -119,9 +124,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             if time.time() > deadline:
                 pytest.fail(f"monailabel start_server not up after {STARTUP_S} s:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield {"url": url, "root": root, "studies": studies, "originals": originals, "log": log}
+        yield url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The server the custodian starts: router included with --uvicorn_app, defaults from --conf."""
+    root = tmp_path_factory.mktemp("label")
+    studies = root / "studies"
+    studies.mkdir()
+    _make_studies(studies)
+    originals = {f.relative_to(studies).as_posix(): f.read_bytes() for f in studies.rglob("*.nii.gz")}
+    conf = ["--uvicorn_app", "monai_umed.label.server:app", "--conf", "method", "noise", "--conf", "epsilon", "4/255",
+            # MONAI Label's launcher script splits arguments on spaces: JSON without spaces
+            "--conf", "params", '{"region":"roi"}', "--conf", "releases", str(root / "releases")]
+    with _running_server(root, studies, *conf) as url:
+        yield {"url": url, "root": root, "studies": studies, "originals": originals}
 
 
 def _wait(url: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +159,7 @@ def _wait(url: str, job: dict[str, Any]) -> dict[str, Any]:
         time.sleep(0.25)
 
 
+@needs_server
 def test_info_lists_app_and_labelled_studies(server: dict[str, Any]) -> None:
     info = requests.get(f"{server['url']}/info/", timeout=10).json()
     assert info["name"] == "monai-umed"
@@ -151,6 +172,7 @@ def test_info_lists_app_and_labelled_studies(server: dict[str, Any]) -> None:
     assert umed["options"]["epsilon"] == pytest.approx(EPSILON)
 
 
+@needs_server
 def test_infer_protect_returns_protected_study(server: dict[str, Any]) -> None:
     url, studies = server["url"], server["studies"]
     r = requests.post(f"{url}/infer/protect", params={"image": "case0", "output": "image"}, timeout=60)
@@ -183,6 +205,7 @@ def test_infer_protect_returns_protected_study(server: dict[str, Any]) -> None:
     assert not (studies / "labels" / "original" / "case0.nii.gz").exists()  # the result is never saved as a label
 
 
+@needs_server
 def test_export_progress_and_restore(server: dict[str, Any]) -> None:
     url, root, studies = server["url"], server["root"], server["studies"]
     release = root / "releases" / "release1"
@@ -238,6 +261,7 @@ def test_export_progress_and_restore(server: dict[str, Any]) -> None:
     assert r.status_code == 409 and "case1" in r.json()["detail"]
 
 
+@needs_server
 def test_bad_requests_are_refused(server: dict[str, Any]) -> None:
     url, studies = server["url"], server["studies"]
     r = requests.post(f"{url}/umed/export", json={"output": str(studies / "inside")}, timeout=30)
@@ -248,3 +272,65 @@ def test_bad_requests_are_refused(server: dict[str, Any]) -> None:
     assert r.status_code == 422
     assert requests.get(f"{url}/umed/jobs/nosuchjob", timeout=10).status_code == 404
     assert not (studies / "inside").exists()
+
+
+def test_options_merge_conf_and_request(tmp_path: Path) -> None:
+    conf = {"method": "noise", "epsilon": "4/255", "seed": "3", "params": '{"region":"roi"}', "label_tag": "final",
+            "model": "models/p.pt"}
+    o = ProtectOptions.from_sources(conf, {"epsilon": 0.01, "params": {"extra": 1}, "model": "/etc/passwd"}, tmp_path)
+    assert (o.method, o.epsilon, o.seed, o.label_tag) == ("noise", 0.01, 3, "final")
+    assert o.params == {"region": "roi", "extra": 1}
+    assert o.model == str(tmp_path / "models/p.pt")  # server option only, relative to the app folder
+    assert {"method", "epsilon", "seed", "params"} <= o.explicit and "epochs" not in o.explicit
+    d = ProtectOptions.from_sources({}, {})
+    assert (d.method, d.epsilon, d.epochs, d.seed, d.intensity) == (None, 8 / 255, None, 0, "auto")
+    for bad in ({"epsilon": "eight"}, {"epsilon": 2}, {"epochs": "1.5"}, {"label_tag": "draft"},
+                {"params": "region=roi"}, {"device": "tpu"}):
+        with pytest.raises(InputError, match=f"'{next(iter(bad))}'"):
+            ProtectOptions.from_sources(bad, None)
+
+
+def _bundle(root: Path, **params: Any) -> Path:
+    (root / "models").mkdir(parents=True)
+    torch.save(NoiseProtector(**params).state_dict(), root / "models" / "protector.pt")
+    return root
+
+
+def test_load_protector_from_bundle_models(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path / "bundle", epsilon=2 / 255, region="roi", seed=5)
+    assert find_state_file(bundle) == bundle / "models" / "protector.pt"
+    p = load_protector(ProtectOptions.from_sources({"model": str(bundle)}))
+    assert (p.name, p.epsilon, p.region, p.seed, p.fitted) == ("noise", 2 / 255, "roi", 5, True)
+    p = load_protector(ProtectOptions.from_sources({"model": str(bundle)}, {"epsilon": "1/255"}))
+    assert (p.epsilon, p.region, p.seed) == (1 / 255, "roi", 5)  # explicit options override the saved ones
+    with pytest.raises(InputError, match="method 'noise'"):
+        load_protector(ProtectOptions.from_sources({"model": str(bundle), "method": "umed"}))
+    torch.save({"name": "noise"}, bundle / "models" / "other.pt")
+    with pytest.raises(InputError, match="several fitted protectors"):
+        find_state_file(bundle)
+    with pytest.raises(InputError, match="not found"):
+        find_state_file(tmp_path / "missing")
+
+
+@needs_server
+def test_plain_server_with_bundle_model(tmp_path: Path) -> None:
+    """A plain ``monailabel start_server --app ... --studies ...`` (no --uvicorn_app) gets the /umed endpoints from
+    the app itself, and ``--conf model`` loads a protector from a bundle's models/ folder."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    _make_studies(studies)
+    bundle = _bundle(tmp_path / "bundle", epsilon=2 / 255, region="roi", seed=5)
+    with _running_server(tmp_path, studies, "--conf", "model", str(bundle)) as url:
+        umed = requests.get(f"{url}/umed/info", timeout=10)
+        assert umed.status_code == 200, umed.text
+        assert umed.json()["labelled"] == ["case0", "case1", "case2"]
+        assert umed.json()["options"]["model"] == str(bundle)
+        r = requests.post(f"{url}/infer/protect", params={"image": "case1", "output": "image"}, timeout=60)
+        assert r.status_code == 200, r.text
+        out = tmp_path / "case1_protected.nii.gz"
+        out.write_bytes(r.content)
+        delta = _array(out).astype(np.int64) - _array(studies / "case1.nii.gz").astype(np.int64)
+        label = _array(studies / "labels/final/case1.nii.gz")
+        assert delta.any() and not delta[label == 0].any()  # the bundle's protector: region=roi
+        r = requests.post(f"{url}/infer/protect", params={"image": "case1", "output": "json"}, timeout=60)
+        assert r.json()["params"] == {"epsilon": 2 / 255, "seed": 5, "epochs": None, "region": "roi"}
