@@ -329,13 +329,16 @@ def stage(phase: str, folder: str | os.PathLike | None = None, sync: bool = True
 
     A rank whose body raises reports the error in ``folder`` (when given). With ``sync`` every rank then exchanges
     its status: a rank whose body succeeded raises :class:`RankFailedError` naming the first rank that failed and
-    its cause; a failed rank re-raises its own exception. Without ``sync`` (a phase only rank 0 runs) the report is
-    all that happens; the others learn of it through :func:`wait_for`. Outside a process group this is a no-op.
+    its cause; a failed rank re-raises its own exception. Without ``sync`` the report is all that happens; use it for
+    a phase only rank 0 runs (the others learn of the failure through :func:`wait_for`) and for a phase whose body
+    runs collectives of its own, such as a DDP fit: ranks left inside those collectives by a failed rank cannot take
+    part in a status exchange, and ``torchrun`` stops them when the failed process exits. Outside a process group
+    this is a no-op.
 
     Args:
         phase: what the phase does, for messages (``"protecting"``).
         folder: the job's shared work folder for failure reports, or None.
-        sync: exchange statuses at the end (a collective: every rank must enter the same stages).
+        sync: exchange statuses at the end (a collective: every rank must enter the same synchronised stages).
         hint: appended to the message of :class:`RankFailedError` (what to do next).
 
     Raises:
