@@ -123,7 +123,8 @@ def api_job(job_id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROL
 
 
 @router.post("/restore", status_code=202, summary="Restore a release with its key (a job)")
-def api_restore(body: RestoreRequest, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))) -> Dict[str, Any]:
+def api_restore(body: RestoreRequest,
+                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))) -> Dict[str, Any]:
     try:
         return _service().start_restore(body.model_dump(exclude_none=True)).to_dict()
     except InputError as e:

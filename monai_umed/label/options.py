@@ -62,7 +62,8 @@ def _as_params(value: Any) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise InputError(f"option 'params' must be a JSON object such as '{{\"region\": \"roi\"}}', got {value!r}") from e
+            raise InputError(f"option 'params' must be a JSON object such as '{{\"region\":\"roi\"}}', "
+                             f"got {value!r}") from e
     if not isinstance(value, Mapping):
         raise InputError(f"option 'params' must be a JSON object, got {value!r}")
     return {str(k).replace("-", "_"): v for k, v in value.items()}

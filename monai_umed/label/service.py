@@ -47,7 +47,9 @@ from monai_umed.data.datalist import load_dataset
 from monai_umed.data.formats import codec_for
 from monai_umed.errors import InputError
 from monai_umed.intensity import quantise
+from monai_umed.key import read_key, restore_dataset, verify_key
 from monai_umed.label.options import ProtectOptions, load_protector
+from monai_umed.pipeline import load_case, protect_dataset
 
 __all__ = ["Study", "Job", "ProtectionService", "build_release_view", "jsonable"]
 
@@ -205,7 +207,8 @@ class ProtectionService:
         self.conf = dict(conf or {})
         self.app_dir = None if app_dir is None else Path(app_dir)
         rel = releases or self.conf.get("releases")
-        self.releases = Path(rel).expanduser().resolve() if rel else self.studies.with_name(self.studies.name + "-releases")
+        default = self.studies.with_name(self.studies.name + "-releases")
+        self.releases = Path(rel).expanduser().resolve() if rel else default
         self.defaults = ProtectOptions.from_sources(self.conf, None, self.app_dir)  # fail fast on a bad --conf
         self.jobs: dict[str, Job] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umed-job")
@@ -274,9 +277,8 @@ class ProtectionService:
             if not fit:
                 return p
             if not studies:
-                raise InputError(f"method {p.name!r} learns from labelled studies and the datastore has none", self.studies)
-            from monai_umed.pipeline import load_case
-
+                raise InputError(f"method {p.name!r} learns from labelled studies and the datastore has none",
+                                 self.studies)
             with tempfile.TemporaryDirectory(prefix="umed-fit-") as tmp:
                 spec = load_dataset(build_release_view(studies, Path(tmp) / "view", modality=options.modality))
                 items = [load_case(spec, c, options.intensity) for c in spec.cases]
@@ -322,8 +324,6 @@ class ProtectionService:
         study = Study(image_id or Path(image).name, image, label, tag)
         in_store = image_id is not None and tag != "upload"
         protector = self.protector(options) if in_store else self.protector(options, [study])
-        from monai_umed.pipeline import load_case
-
         with tempfile.TemporaryDirectory(prefix="umed-preview-") as tmp:
             spec = load_dataset(build_release_view([study], Path(tmp) / "view", modality=options.modality))
             lc = load_case(spec, spec.cases[0], options.intensity)
@@ -393,14 +393,13 @@ class ProtectionService:
         load_protector(options)  # fail now, not in the background, on a bad method, parameter or model
         job = Job(uuid.uuid4().hex[:12], "export", {
             "output": str(output), "key": str(key), "resume": resume, "studies": len(studies),
-            "options": options.to_dict(), "labels": {t: sum(s.tag == t for s in studies) for t in ("final", "original")},
+            "options": options.to_dict(),
+            "labels": {t: sum(s.tag == t for s in studies) for t in ("final", "original")},
         }, total=len(studies))
         work_cases = key.with_name(key.name + ".parts") / "cases"
         job.counter = lambda: _count(work_cases, "*.json")
 
         def work(job: Job) -> dict[str, Any]:
-            from monai_umed.pipeline import protect_dataset
-
             view = output.with_name(output.name + ".studies")
             try:
                 build_release_view(studies, view, name=self.studies.name, modality=options.modality)
@@ -423,8 +422,6 @@ class ProtectionService:
         Raises:
             InputError: missing release or key, an existing output.
         """
-        from monai_umed.key import read_key
-
         if not request.get("release"):
             raise InputError("restore needs 'release' (the protected release folder)")
         release = self._resolve(request["release"], Path(), "release folder")
@@ -443,8 +440,6 @@ class ProtectionService:
         job.counter = lambda: sum(all((stage / f).is_file() for f in fs) for fs in outputs)
 
         def work(job: Job) -> dict[str, Any]:
-            from monai_umed.key import restore_dataset
-
             return restore_dataset(release, key, output, progress=False)
 
         return self._submit(job, work)
@@ -455,8 +450,6 @@ class ProtectionService:
         Raises:
             KeyMismatchError: naming the first file that differs.
         """
-        from monai_umed.key import verify_key
-
         rel = self._resolve(release, Path(), "release folder")
         k = self._resolve(key, rel.with_name(rel.name + ".umedkey"), "key")
         record = verify_key(rel, k)
