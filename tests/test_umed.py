@@ -203,3 +203,54 @@ def test_empty_label_gives_no_perturbation(fitted_2d) -> None:
     assert float(delta.abs().max()) == 0.0
     with pytest.raises(ValueError, match="channels"):
         p.perturbation(torch.rand(1, 40, 40), torch.zeros(1, 40, 40, dtype=torch.int64), "grey")
+
+
+def test_umed_protectd_in_a_compose_and_its_inverse(fitted_2d) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from monai_umed.transforms import Protectd, UMedProtectD, UMedProtectd, UMedProtectDict
+
+    assert UMedProtectD is UMedProtectd is UMedProtectDict and issubclass(UMedProtectd, Protectd)
+    p, data = fitted_2d
+    d = data[0]
+    x = MetaTensor(d["image"].clone(), meta={"filename_or_obj": "case0.png"})
+    pipeline = Compose([UMedProtectd("image", protector=p, label_key="label", case_id_key="case_id")])
+    out = pipeline({"image": x, "label": d["label"], "case_id": d["case_id"]})
+    delta = out["image"].as_tensor() - d["image"]
+    torch.testing.assert_close(delta, p.perturbation(d["image"], d["label"], d["case_id"]), rtol=0, atol=1e-6)
+    assert float(delta.abs().max()) > 0
+    back = pipeline.inverse(out)
+    torch.testing.assert_close(back["image"].as_tensor(), d["image"], rtol=0, atol=1e-7)
+    # built from a saved state instead of a live protector: same perturbation
+    t2 = UMedProtectd("image", state=p.state_dict(), label_key="label", case_id_key="case_id")
+    out2 = t2({"image": MetaTensor(d["image"].clone()), "label": d["label"], "case_id": d["case_id"]})
+    assert torch.equal(out2["image"].as_tensor(), out["image"].as_tensor())
+    with pytest.raises(ValueError, match="UMed"):
+        UMedProtectd("image", protector=protectors.get("noise"))
+    with pytest.raises(ValueError, match="state_dict"):
+        UMedProtectd("image")
+
+
+def test_contour_band_and_texture_bound_transforms() -> None:
+    from monai.data import MetaTensor
+
+    from monai_umed.masks import texture_bound
+    from monai_umed.transforms import ContourBand, ContourBandd, ContourBandD, TextureBound, TextureBoundd
+
+    assert ContourBandD is ContourBandd
+    y = torch.zeros(1, 20, 20, 20, dtype=torch.int64)
+    y[:, 5:15, 5:15, 5:15] = 1
+    img = torch.rand(1, 20, 20, 20)
+    # the label's own spacing makes the mm radius anisotropic: 2 voxels in-plane, 1 along the 2 mm axis
+    meta_y = MetaTensor(y, affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+    band = ContourBand(radius_mm=2.0)(meta_y)
+    assert isinstance(band, MetaTensor) and band.dtype == torch.uint8
+    assert np.flatnonzero(band[0, 10, 10, :].numpy()).tolist() == [4, 5, 14, 15]
+    assert np.flatnonzero(band[0, :, 10, 10].numpy()).tolist() == [3, 4, 5, 6, 13, 14, 15, 16]
+    assert isinstance(ContourBand()(y.numpy()), np.ndarray)
+    d = ContourBandd("label", radius=1)({"label": y})
+    assert torch.equal(d["label"], y) and torch.equal(d["label_band"], ContourBand(radius=1)(y))
+    d = TextureBoundd("image", label_key="label", b_min=0.3)({"image": img, "label": y})
+    torch.testing.assert_close(d["image_bound"], texture_bound(img, y, 5, 0.3))
+    torch.testing.assert_close(TextureBound(b_min=0.3)(img, y), d["image_bound"])

@@ -13,7 +13,36 @@
 
 from __future__ import annotations
 
-from monai_umed.transforms.array import Protect
-from monai_umed.transforms.dictionary import ProtectD, Protectd, ProtectDict
+from monai_umed.transforms.array import ContourBand, Protect, TextureBound
+from monai_umed.transforms.dictionary import (
+    ContourBandD,
+    ContourBandd,
+    ContourBandDict,
+    ProtectD,
+    Protectd,
+    ProtectDict,
+    TextureBoundD,
+    TextureBoundd,
+    TextureBoundDict,
+    UMedProtectD,
+    UMedProtectd,
+    UMedProtectDict,
+)
 
-__all__ = ["Protect", "ProtectD", "ProtectDict", "Protectd"]
+__all__ = [
+    "Protect",
+    "ProtectD",
+    "ProtectDict",
+    "Protectd",
+    "ContourBand",
+    "ContourBandd",
+    "ContourBandD",
+    "ContourBandDict",
+    "TextureBound",
+    "TextureBoundd",
+    "TextureBoundD",
+    "TextureBoundDict",
+    "UMedProtectd",
+    "UMedProtectD",
+    "UMedProtectDict",
+]

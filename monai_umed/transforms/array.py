@@ -25,7 +25,7 @@ from monai.utils.type_conversion import convert_to_tensor
 
 from monai_umed.protectors.base import Protector
 
-__all__ = ["Protect"]
+__all__ = ["Protect", "ContourBand", "TextureBound"]
 
 
 class Protect(InvertibleTransform, Transform):
@@ -97,3 +97,96 @@ class Protect(InvertibleTransform, Transform):
             out = MetaTensor(restored, meta=data.meta, applied_operations=data.applied_operations)
             return out
         return restored
+
+
+class ContourBand(Transform):
+    """The contour band ``dilate(M, r) AND NOT erode(M, r)`` of a label map (UMed's ``M_c``, METHODS.md section 0).
+
+    See :func:`monai_umed.masks.contour_band`. With ``radius_mm`` the radius is in millimetres, using the label's
+    spacing (``MetaTensor.pixdim``) or ``spacing``; without a known spacing the voxel ``radius`` applies.
+
+    Args:
+        radius: band radius in voxels.
+        radius_mm: band radius in mm (spacing-aware, for anisotropic 3D volumes).
+        spacing: voxel spacing to use when the label carries none.
+        per_class: union of the per-class bands (boundaries between touching classes included).
+
+    Example::
+
+        band = ContourBand(radius=2)(label)  # (1, H, W[, D]) uint8 in {0, 1}
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        radius: float = 2,
+        radius_mm: float | None = None,
+        spacing: tuple[float, ...] | None = None,
+        per_class: bool = True,
+    ) -> None:
+        self.radius = radius
+        self.radius_mm = radius_mm
+        self.spacing = spacing
+        self.per_class = per_class
+
+    def __call__(self, label: NdarrayOrTensor) -> NdarrayOrTensor:
+        """
+        Args:
+            label: channel-first integer label map (``1 x spatial``).
+
+        Returns:
+            ``1 x spatial`` uint8 mask (1 on the band), same array type as ``label`` (metadata kept).
+        """
+        from monai_umed.masks import contour_band, spacing_of
+
+        spacing = spacing_of(label) or self.spacing
+        band = contour_band(label, self.radius, spacing=spacing, radius_mm=self.radius_mm, per_class=self.per_class)
+        out = band.to(torch.uint8)
+        if isinstance(label, MetaTensor):
+            return MetaTensor(out.to(label.device), meta=label.meta)
+        if isinstance(label, np.ndarray):
+            return out.numpy()
+        return out.to(label.device)
+
+
+class TextureBound(Transform):
+    """UMed's texture-aware adaptive bound ``B(x)``: local standard deviation in a ``window``, normalised to
+    ``[b_min, 1]`` inside the ROI, 0 outside (METHODS.md section 1.3).
+
+    See :func:`monai_umed.masks.texture_bound`.
+
+    Args:
+        window: odd texture window ``k``.
+        b_min: bound in the flattest ROI regions.
+        quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
+
+    Example::
+
+        bound = TextureBound(window=5, b_min=0.25)(image, label)  # (C, H, W[, D]) float32
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, window: int = 5, b_min: float = 0.25, quantiles: tuple[float, float] = (0.0, 1.0)) -> None:
+        self.window = int(window)
+        self.b_min = float(b_min)
+        self.quantiles = (float(quantiles[0]), float(quantiles[1]))
+
+    def __call__(self, img: NdarrayOrTensor, label: NdarrayOrTensor) -> torch.Tensor:
+        """
+        Args:
+            img: channel-first image (normalised units).
+            label: channel-first label map (``1 x spatial``); the ROI is ``label > 0``.
+
+        Returns:
+            float32 tensor like ``img`` (a ``MetaTensor`` with the image's metadata when ``img`` is one).
+        """
+        from monai_umed.masks import texture_bound
+
+        x = convert_to_tensor(img, track_meta=False)
+        lab = convert_to_tensor(label, track_meta=False)
+        bound = texture_bound(x.float(), lab.to(x.device), self.window, self.b_min, self.quantiles)
+        if isinstance(img, MetaTensor):
+            return MetaTensor(bound, meta=img.meta)
+        return bound
