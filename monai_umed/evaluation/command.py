@@ -90,7 +90,8 @@ def imperceptibility(
 ) -> dict[str, Any]:
     """PSNR, PSNR in the ROI, SSIM and max |delta| of every protected training file against its clean file.
 
-    The ROI is the clean label (``label > 0``) of the entry. Returns :func:`summarise_imperceptibility` plus
+    The ROI is the clean label (``label > 0``) of the entry; an entry whose protected image is the clean file
+    itself is identical without being read. Returns :func:`summarise_imperceptibility` plus
     ``per_case`` (one dict per entry, with the protected file name).
 
     Raises:
@@ -103,6 +104,10 @@ def imperceptibility(
         items = tqdm(items, desc="imperceptibility", unit="case", leave=False)
     per_case = []
     for c, p in items:
+        if os.path.realpath(c["image"]) == os.path.realpath(p["image"]):  # the same file: nothing to read
+            per_case.append({"image": os.path.basename(p["image"]), "psnr": float("inf"), "psnr_roi": float("inf"),
+                             "ssim": 1.0, "max_abs_delta": 0.0, "data_range": None})
+            continue
         clean, prot = read_native(c["image"]), read_native(p["image"])
         if clean.shape != prot.shape:
             raise InputError(f"protected image shape {prot.shape} differs from the clean {clean.shape} "
