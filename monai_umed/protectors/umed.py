@@ -46,9 +46,9 @@ Args (defaults):
     epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels),
     contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions),
     mode (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
-    epochs (None: 8 in 2D, 30 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators),
-    surrogate_lr (1e-3), batch_size (8), patch_size (None: 160 in 2D, 64 in 3D), resize_aug (``auto``: scales
-    ``(0.3, 1.0)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range), gen_scale (None: 2 in 2D, 1 in
+    epochs (None: 6 in 2D, 20 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators),
+    surrogate_lr (1e-3), batch_size (8), patch_size (None: 96 in 2D, 64 in 3D), resize_aug (``auto``: scales
+    ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range), gen_scale (None: 2 in 2D, 1 in
     3D), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)), quantise_levels (``auto``: 255 for 8-bit
     data, else none), sw_roi_size (None: twice the training patch at generator resolution), sw_overlap (0.25),
     infer_batch_size (8), spatial_dims, seed (0), device (``auto``).
@@ -132,14 +132,14 @@ class UMedProtector(Protector):
         texture_window: window ``k`` of the local standard deviation.
         b_min: texture bound in the flattest ROI regions.
         texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
-        epochs: passes over the training samples (``None``: 8 in 2D, 30 in 3D).
+        epochs: passes over the training samples (``None``: 6 in 2D, 20 in 3D).
         n_gen: generator steps per batch.
         n_sur: surrogate steps per batch.
         stop_dice: stop when the surrogate's mean training Dice over an epoch exceeds this.
         lr: Adam learning rate of the generators.
         surrogate_lr: Adam learning rate of the surrogate.
         batch_size: training patches per step.
-        patch_size: training patch size in native voxels (int or one per dim; ``None``: 160 in 2D, 64 in 3D,
+        patch_size: training patch size in native voxels (int or one per dim; ``None``: 96 in 2D, 64 in 3D,
             clipped to the largest training image).
         resize_aug: scale range of the random down-resize stand-in, ``auto``, or ``False``.
         gen_scale: the generators run at ``1 / gen_scale`` of the native resolution (``None``: 2 in 2D, 1 in 3D).
@@ -262,7 +262,7 @@ class UMedProtector(Protector):
         return int(self.spatial_dims)
 
     def _epochs(self) -> int:
-        return int(self.epochs) if self.epochs is not None else (8 if self._sd() == 2 else 30)
+        return int(self.epochs) if self.epochs is not None else (6 if self._sd() == 2 else 20)
 
     def _gen_scale(self) -> float:
         return self.gen_scale if self.gen_scale is not None else (2.0 if self._sd() == 2 else 1.0)
@@ -274,7 +274,7 @@ class UMedProtector(Protector):
 
     def _patch(self, max_shape: Sequence[int]) -> tuple[int, ...]:
         sd = self._sd()
-        p = self.patch_size or ((128,) if sd == 2 else (64,))
+        p = self.patch_size or ((96,) if sd == 2 else (64,))
         p = tuple(p) * sd if len(p) == 1 else tuple(p)
         if len(p) != sd:
             raise ValueError(f"patch_size {self.patch_size} does not have {sd} entries")
@@ -413,7 +413,7 @@ class UMedProtector(Protector):
         if self.sw_roi_size is not None:
             r = self.sw_roi_size
             return tuple(r) * sd if len(r) == 1 else tuple(r)
-        p = self.patch_size or ((128,) if sd == 2 else (64,))
+        p = self.patch_size or ((96,) if sd == 2 else (64,))
         p = tuple(p) * sd if len(p) == 1 else tuple(p)
         return tuple(max(8, int(2 * v / self._gen_scale())) for v in p)
 
