@@ -259,7 +259,7 @@ class SampleWiseProtector(Protector):
         epsilon: L-inf budget (normalised units).
         alpha: PGD step size; ``None`` -> ``epsilon * alpha_fraction`` of the method.
         steps: PGD steps (per round for min-min methods).
-        work_size: longest spatial side of the work grid (``None``: the file's own grid).
+        work_size: longest spatial side of the work grid (default 64; ``None``: the file's own grid).
         batch_size: cases per optimisation batch.
         surrogate_channels: channels per level of the surrogate UNet.
         lr: surrogate learning rate.
@@ -277,7 +277,7 @@ class SampleWiseProtector(Protector):
         epsilon: float = 8 / 255,
         alpha: float | None = None,
         steps: int = 10,
-        work_size: int | None = 96,
+        work_size: int | None = 64,
         batch_size: int = 16,
         surrogate_channels: Sequence[int] = (16, 32, 64, 128),
         lr: float = 1e-3,
