@@ -190,6 +190,30 @@ def test_fit_honours_epochs_and_resumes_from_checkpoint(tmp_path: Path) -> None:
                        sep.perturbation(s["image"], s["label"], s["case_id"]))
 
 
+def test_tap_resumes_an_interrupted_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monai_umed.protectors.tap import TAPProtector
+
+    data = list(_data("gray"))
+    full = _fitted("tap", "gray")
+    attack, calls = TAPProtector._attack, []
+
+    def interrupted(self, b, generator, steps):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return attack(self, b, generator, steps)
+
+    ckpt = tmp_path / "tap.ckpt"
+    monkeypatch.setattr(TAPProtector, "_attack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        protectors.get("tap", epsilon=EPS, **TINY).fit(data, progress=False, checkpoint=ckpt)
+    monkeypatch.undo()
+    resumed = protectors.get("tap", epsilon=EPS, **TINY).fit(data, progress=False, checkpoint=ckpt)
+    assert resumed.progress_state["attacked"] == 2
+    for s in data:
+        assert torch.equal(resumed.deltas[s["case_id"]], full.deltas[s["case_id"]])
+
+
 def test_errors() -> None:
     s = _data("gray")[0]
     p = protectors.get("em", **TINY)
