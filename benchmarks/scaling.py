@@ -15,8 +15,9 @@ For every method and process count this launches ``python -m torch.distributed.r
 machine (loopback, gloo, CPU) with this script as the worker, which runs :func:`monai_umed.pipeline.protect_dataset`
 on the whole dataset (``--split all``). Fitted methods are fitted once beforehand, in this process (``--fit-cases``
 training cases, ``--epochs`` passes; fitting is not what is measured, and under torchrun it runs on rank 0 alone
-whatever the number of processes), and every run protects with that state. Each run gets
-``--threads / N`` intra-op threads per process, so all runs use the same cores.
+whatever the number of processes), and every run protects with that state. Every process gets
+``--threads-per-process`` intra-op threads (default 1, torchrun's own default), so N processes use N cores and the
+outputs of all runs can be compared bit for bit (float results depend on the thread count).
 
 Reported per run: ``job s`` (``protect_dataset`` from its start to the renamed output: loading, perturbation,
 writing, fragments, manifest and key; after interpreter start-up and rendezvous), ``cases/s`` = cases / job s,
@@ -96,7 +97,7 @@ def _run(method: str, params: dict[str, Any], state: Path | None, nproc: int, th
            "--params", json.dumps(params), "--dataset", str(dataset), "--out", str(out), "--result", str(result)]
     if state is not None:
         cmd += ["--state", str(state)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // nproc)),
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads)),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--methods", nargs="+", default=None, help="default: noise, and umed when registered")
     parser.add_argument("--nprocs", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads shared by a run")
+    parser.add_argument("--threads-per-process", type=int, default=1, help="intra-op threads of each process")
     parser.add_argument("--epochs", type=int, default=1, help="fitting passes of fitted methods (not measured)")
     parser.add_argument("--fit-cases", type=int, default=32, help="training cases for fitting (not measured)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"dataset {args.dataset}, {os.cpu_count()} CPU cores, {args.threads} threads per run, "
+        print(f"dataset {args.dataset}, {os.cpu_count()} CPU cores, {args.threads_per_process} thread(s) per process, "
               f"load average {load:.1f} at start")
         rows = []
         for method in methods:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method}: fitted once in {secs:.1f} s ({args.fit_cases} cases, {args.epochs} epoch(s)); "
                       "every run below protects with that state")
             for n in args.nprocs:
-                rows.append(_run(method, params, state, n, args.threads, args.dataset, work))
+                rows.append(_run(method, params, state, n, args.threads_per_process, args.dataset, work))
                 r = rows[-1]
                 print(f"  {method} x{n}: {r['cases']} cases in {r['job_s']:.1f} s", flush=True)
         print(f"\n{'method':8} {'procs':>5} {'cases':>6} {'job s':>8} {'cases/s':>8} {'speed-up':>8} {'wall s':>8} "

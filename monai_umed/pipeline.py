@@ -357,13 +357,14 @@ def protect_dataset(
                     distributed.wait_for(state_path.is_file, job.work, "fitting", hint=hint)
                     protector.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
 
-    # every rank protects its share of the unfinished cases; rank 0 decides which are unfinished
+    # every rank protects every world-th batch of the unfinished cases (rank 0 decides which are unfinished): each
+    # case lands in the batch it has in a one-process run, so batched numerics do not depend on the world size
     todo = distributed.broadcast_object([i for i in protect_idx if not job.done(i)] if main else None)
-    mine = todo[rank::world]
+    mine = list(_batches(todo, max(1, batch_size)))[rank::world]
     with distributed.stage("protecting", job.work, hint=hint), torch.no_grad(), tqdm(
             total=len(protect_idx), initial=len(protect_idx) - len(todo), desc=f"protect ({protector.name})",
             disable=not progress, unit="case") as bar:
-        for chunk in _batches(mine, max(1, batch_size)):
+        for chunk in mine:
             distributed.check_abort(job.work, "protecting", hint)
             loaded = [(i, load_case(spec, spec.cases[i], intensity)) for i in chunk]
             _protect_batch(job, protector, loaded, new_uids)
