@@ -194,3 +194,16 @@ def test_demo_command(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
     assert "2D RGB PNG" in text and "3D NIfTI" in text and "NO" not in text
+
+
+def test_released_files_are_readable_and_key_is_private(ds2d: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    s = protect_dataset(ds2d, tmp_path / "o", "noise", progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (tmp_path / "o").rglob("*"):
+        if p.is_file():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(Path(s["key"]).stat().st_mode) == 0o600

@@ -46,6 +46,8 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 PathLike = str | os.PathLike
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class atomic_path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(self.path.suffixes), dir=self.path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; released files get the usual permissions
         self.tmp = Path(tmp)
         return self.tmp
 
