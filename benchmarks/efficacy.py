@@ -121,13 +121,16 @@ def protect(dataset: Path, out: Path, method: str, args: argparse.Namespace, par
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    headers = ["method", "defence", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta", "Dice clean victim (%)",
+    headers = ["method", "defence", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
+               "max abs delta / R (x255)", "Dice clean victim (%)",
                "Dice protected victim (%)", "protect (s)", "victim (s)"]
     body = []
     for r in rows:
         body.append([
             r["method"], r["defence"], fmt(r["psnr"]), fmt(r["psnr_roi"]), fmt(r["ssim"], 4),
-            fmt(r["max_abs_delta"], 1), fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
+            fmt(r["max_abs_delta"], 1),
+            fmt(None if r["max_abs_delta_rel"] is None else r["max_abs_delta_rel"] * 255, 2),
+            fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
             fmt(r["protect_seconds"], 0), fmt(r["victim_seconds"], 0) + (" (cached)" if r["victim_cached"] else ""),
         ])
     return markdown_table(headers, body)
@@ -207,6 +210,8 @@ def _run(args: argparse.Namespace) -> int:
                 "psnr_roi": None if method == "clean" else rep["psnr_roi"],
                 "ssim": None if method == "clean" else rep["ssim"],
                 "max_abs_delta": None if method == "clean" else rep["max_abs_delta"],
+                "max_abs_delta_rel": None if method == "clean" else rep["max_abs_delta_rel"],
+                "clean_dtypes": rep["imperceptibility"]["dtypes"],
                 "dice_clean": r["dice_clean"], "dice_protected": r["dice_protected"],
                 "dice_per_class_clean": r["dice_per_class_clean"],
                 "dice_per_class_protected": r["dice_per_class_protected"],
@@ -218,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[efficacy] {method}: Dice clean victim {fmt(rows[-1]['dice_clean'], 2, True)} %, "
               f"protected victim {fmt(rows[-1]['dice_protected'], 2, True)} %", file=sys.stderr, flush=True)
     cfg = first_rep["config"]
+    dtypes = next((r["clean_dtypes"] for r in rows if r["clean_dtypes"]), None)
     header = (
         f"Efficacy on `{args.dataset}` ({first_rep['datasets']['train_cases']} training cases"
         f"{' (first ' + str(args.max_train) + ')' if args.max_train else ''}, "
@@ -225,8 +231,11 @@ def _run(args: argparse.Namespace) -> int:
         f"{first_rep['epochs']} epochs, seed {args.seed}, image size {first_rep['image_size'] or 'native'}, "
         f"patch {cfg['patch_size']}, batch {cfg['batch_size']} x {cfg['num_samples']}, lr {cfg['lr']}, "
         f"intensity {cfg['intensity']}, device {cfg['device']}, {cfg['threads']} thread(s); "
-        f"epsilon {args.epsilon:.5g} ({args.epsilon * 255:.3g}/255). Dice: mean over test cases and foreground "
-        f"classes. PSNR/SSIM/max abs delta: protected vs clean training files as written, native units."
+        f"epsilon {args.epsilon:.5g} ({args.epsilon * 255:.3g}/255)"
+        f"{'; clean training images by dtype ' + str(dtypes) if dtypes else ''}. "
+        f"Dice: mean over test cases and foreground classes. PSNR/SSIM/max abs delta: protected vs clean "
+        f"training files as written, native units; R = dtype range for integer images, the clean image's "
+        f"max - min otherwise."
     )
     text = header + "\n\n" + table(rows) + "\n"
     print(text)

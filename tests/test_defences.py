@@ -78,7 +78,8 @@ def test_smoothing_reduces_variance_2d_and_3d(spec):
     diff = lambda a: float(torch.as_tensor(a, dtype=torch.float32).diff(dim=-1).var())  # noqa: E731
     assert diff(out) < 0.5 * diff(rgb)
     assert float(out.mean()) == pytest.approx(float(rgb.astype(np.float32).mean()), rel=0.05)
-    vol, _ = create_test_image_3d(16, 16, 16, rad_max=6, rad_min=2, noise_max=0.5, random_state=np.random.RandomState(0))
+    vol, _ = create_test_image_3d(16, 16, 16, rad_max=6, rad_min=2, noise_max=0.5,
+                                  random_state=np.random.RandomState(0))
     out3 = _apply(d.preprocess(), vol[None].astype(np.float32))["image"]
     assert out3.shape == (1, 16, 16, 16) and float(out3.var()) < float(vol.var())
 
@@ -120,7 +121,8 @@ def test_strong_aug_keeps_shape_and_labels(spatial_dims):
     if spatial_dims == 2:
         img, seg = create_test_image_2d(32, 32, rad_max=8, num_seg_classes=2, random_state=np.random.RandomState(0))
     else:
-        img, seg = create_test_image_3d(16, 16, 16, rad_max=6, rad_min=2, num_seg_classes=2, random_state=np.random.RandomState(0))
+        img, seg = create_test_image_3d(16, 16, 16, rad_max=6, rad_min=2, num_seg_classes=2,
+                                        random_state=np.random.RandomState(0))
     t = Compose(d.augment(spatial_dims))
     t.set_random_state(seed=0)
     out = t({"image": img[None].astype(np.float32), "label": seg[None].astype(np.float32)})

@@ -85,7 +85,8 @@ def _write_3d(root: Path, n_train: int = 4, n_test: int = 2, noise: int = 0) -> 
             for kind, arr in (("images", vol), ("labels", seg.astype(np.uint8))):
                 (root / kind).mkdir(parents=True, exist_ok=True)
                 nib.save(nib.Nifti1Image(arr, np.eye(4)), root / kind / f"{split}_{i:03d}.nii.gz")
-            entries[split].append({"image": f"images/{split}_{i:03d}.nii.gz", "label": f"labels/{split}_{i:03d}.nii.gz"})
+            entries[split].append({"image": f"images/{split}_{i:03d}.nii.gz",
+                                   "label": f"labels/{split}_{i:03d}.nii.gz"})
     meta = {"name": "synthetic3d", "labels": {"0": "background", "1": "a", "2": "b"}, "tensorImageSize": "3D",
             **entries}
     (root / "dataset.json").write_text(json.dumps(meta))

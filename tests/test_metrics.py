@@ -93,11 +93,13 @@ def test_case_and_summary():
     c = case_imperceptibility(clean, prot, label)
     assert c["psnr_roi"] == pytest.approx(10 * math.log10(255.0**2 / 4.0))
     assert c["psnr"] == pytest.approx(10 * math.log10(255.0**2 / (4.0 / 16)))
+    assert c["max_abs_delta_rel"] == pytest.approx(2 / 255) and c["dtype"] == "uint8"
     same = case_imperceptibility(clean, clean, label)
     s = summarise_imperceptibility([c, same])
     assert s["identical_cases"] == 1 and s["cases"] == 2
     assert s["psnr"] == pytest.approx(c["psnr"])  # the identical case (inf) is left out of the mean
-    assert s["max_abs_delta"] == 2.0
+    assert s["max_abs_delta"] == 2.0 and s["max_abs_delta_rel"] == pytest.approx(2 / 255)
+    assert s["dtypes"] == {"uint8": 2}
 
 
 def test_dice_hand_computed():

@@ -106,7 +106,8 @@ def imperceptibility(
     for c, p in items:
         if os.path.realpath(c["image"]) == os.path.realpath(p["image"]):  # the same file: nothing to read
             per_case.append({"image": os.path.basename(p["image"]), "psnr": float("inf"), "psnr_roi": float("inf"),
-                             "ssim": 1.0, "max_abs_delta": 0.0, "data_range": None})
+                             "ssim": 1.0, "max_abs_delta": 0.0, "max_abs_delta_rel": 0.0, "data_range": None,
+                             "dtype": None})
             continue
         clean, prot = read_native(c["image"]), read_native(p["image"])
         if clean.shape != prot.shape:
@@ -248,6 +249,7 @@ def evaluate(
             "psnr_roi": imp["psnr_roi"],
             "ssim": imp["ssim"],
             "max_abs_delta": imp["max_abs_delta"],
+            "max_abs_delta_rel": imp["max_abs_delta_rel"],
             "victim": victim,
             "defence": first["defence"],
             "defences": [r["defence"] for r in rows],

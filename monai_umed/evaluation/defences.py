@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping
 
 import numpy as np
 import torch
@@ -239,7 +239,8 @@ class Defence:
         shown = {k: v for k, v in self.params.items() if k != "at_test" or v != _DEFAULTS[self.name].get(k)}
         if not shown:
             return self.name
-        return f"{self.name}({', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
+        text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        return f"{self.name}({text})"
 
     @property
     def at_test(self) -> bool:

@@ -18,7 +18,8 @@ Imperceptibility compares each protected file with its clean original *as read f
 - ``psnr_roi``: the same inside the region of interest (label > 0); ``nan`` when the label is empty.
 - ``ssim``: Wang et al. (2004) SSIM, Gaussian window (sigma 1.5, 11 taps; scikit-image when installed, MONAI
   ``SSIMMetric`` otherwise: the two agree to 1e-4), averaged over channels, 2D or 3D, with the same ``R``.
-- ``max_abs_delta``: ``max |protected - clean|`` in native units.
+- ``max_abs_delta``: ``max |protected - clean|`` in native units; ``max_abs_delta_rel`` divides it by ``R`` (a
+  dataset can mix dtypes and scales: MSD Hippocampus holds uint8 and float32 volumes).
 
 Dataset means average the per-case values (the papers' "average PSNR"); identical cases (infinite PSNR) are
 counted and left out of the PSNR means. Segmentation quality is the mean Dice over cases and foreground classes
@@ -147,16 +148,21 @@ def max_abs_delta(clean: np.ndarray, protected: np.ndarray) -> float:
     return float(np.abs(b - a).max()) if a.size else 0.0
 
 
-def case_imperceptibility(clean: np.ndarray, protected: np.ndarray, label: np.ndarray | None = None) -> dict[str, float]:
+def case_imperceptibility(
+    clean: np.ndarray, protected: np.ndarray, label: np.ndarray | None = None
+) -> dict[str, Any]:
     """All imperceptibility figures of one case (native arrays, channel-first; ``label`` 1 x spatial)."""
     r = data_range(clean)
     roi = None if label is None else np.asarray(label) > 0
+    m = max_abs_delta(clean, protected)
     return {
         "psnr": psnr(clean, protected, value_range=r),
         "psnr_roi": psnr(clean, protected, mask=roi, value_range=r) if roi is not None else float("nan"),
         "ssim": ssim(clean, protected, value_range=r),
-        "max_abs_delta": max_abs_delta(clean, protected),
+        "max_abs_delta": m,
+        "max_abs_delta_rel": m / r,
         "data_range": r,
+        "dtype": np.asarray(clean).dtype.name,
     }
 
 
@@ -169,14 +175,22 @@ def summarise_imperceptibility(cases: Sequence[dict[str, Any]]) -> dict[str, Any
     """Dataset figures from per-case ones: means of finite PSNRs, mean SSIM, overall max |delta|.
 
     Returns:
-        ``psnr``, ``psnr_roi``, ``ssim`` (None when no case has a finite value), ``max_abs_delta``,
-        ``identical_cases`` (cases with no change at all) and ``cases`` (how many were compared).
+        ``psnr``, ``psnr_roi``, ``ssim`` (None when no case has a finite value), ``max_abs_delta`` (native units,
+        the largest over cases: only comparable across cases of one dtype and scale), ``max_abs_delta_rel`` (the
+        largest ``max |delta| / R``, unit-free), ``dtypes`` (cases per clean dtype), ``identical_cases`` (cases with
+        no change at all) and ``cases`` (how many were compared).
     """
+    dtypes: dict[str, int] = {}
+    for c in cases:
+        if c.get("dtype"):
+            dtypes[c["dtype"]] = dtypes.get(c["dtype"], 0) + 1
     return {
         "psnr": _finite_mean([c["psnr"] for c in cases]),
         "psnr_roi": _finite_mean([c["psnr_roi"] for c in cases]),
         "ssim": _finite_mean([c["ssim"] for c in cases]),
         "max_abs_delta": float(max((c["max_abs_delta"] for c in cases), default=0.0)),
+        "max_abs_delta_rel": float(max((c.get("max_abs_delta_rel") or 0.0 for c in cases), default=0.0)),
+        "dtypes": dtypes,
         "identical_cases": int(sum(1 for c in cases if c["max_abs_delta"] == 0)),
         "cases": len(cases),
     }

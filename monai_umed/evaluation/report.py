@@ -42,6 +42,7 @@ REPORT_KEYS = (
     "psnr_roi",
     "ssim",
     "max_abs_delta",
+    "max_abs_delta_rel",
     "victim",
     "defence",
     "epochs",
@@ -146,11 +147,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- protected dataset: `{ds['protected']}`",
         f"- victim: {report['victim']} {cfg['victim_params']}, {cfg['spatial_dims']}D, patch {cfg['patch_size']}, "
         f"image size {report['image_size'] or 'native'}, intensity {cfg['intensity']}",
-        f"- epochs {report['epochs']}, seed {report['seed']}, batch {cfg['batch_size']} x {cfg['num_samples']} crop(s), "
+        f"- epochs {report['epochs']}, seed {report['seed']}, batch {cfg['batch_size']} x {cfg['num_samples']} "
+        f"crop(s), "
         f"Adam lr {cfg['lr']}, device {cfg['device']}, threads {cfg['threads']}",
         f"- imperceptibility over {imp['cases']} training files ({imp['identical_cases']} unchanged): "
         f"PSNR {fmt(imp['psnr'])} dB, PSNR in ROI {fmt(imp['psnr_roi'])} dB, SSIM {fmt(imp['ssim'], 4)}, "
-        f"max |delta| {fmt(imp['max_abs_delta'], 1)} (native units)",
+        f"max |delta| {fmt(imp['max_abs_delta'], 1)} native units = {fmt(imp['max_abs_delta_rel'] * 255, 2)}/255 "
+        f"of the range R; clean dtypes {imp['dtypes']}",
         f"- wall time {fmt(report['wall_time_s'], 0)} s",
         "",
     ]

@@ -556,7 +556,8 @@ def evaluate_victim(
     for n, it in enumerate(items):
         label = torch.as_tensor(read_native(it["label"]).astype(np.int64))
         if label.ndim - 1 != cfg.spatial_dims or label.shape[0] != 1:
-            raise InputError(f"label shape {tuple(label.shape)} is not a 1-channel {cfg.spatial_dims}D map", it["label"])
+            raise InputError(f"label shape {tuple(label.shape)} is not a 1-channel {cfg.spatial_dims}D map",
+                             it["label"])
         if int(label.max()) >= cfg.num_classes or int(label.min()) < 0:
             raise InputError(f"label values outside 0..{cfg.num_classes - 1}", it["label"])
         x = prep({"image": it["image"]})["image"].to(dev)[None]

@@ -17,8 +17,8 @@ Two MONAI networks, 2D or 3D through ``spatial_dims``:
   MONAI's tutorials but with one residual unit per level instead of two (half the cost on a CPU). Its inputs
   must be multiples of ``2 ** (levels - 1)`` (16).
 - ``swinunetr``: MONAI ``SwinUNETR`` (needs the ``einops`` package). Five stages of 2x downsampling: inputs must be
-  multiples of 32 and, because its bottleneck uses instance normalisation while training, the bottleneck must
-  hold more than one voxel (at least one patch axis of 64 or more). ``feature_size`` 12 keeps it trainable on a CPU.
+  multiples of 32 and, because its bottleneck's instance normalisation always uses the input's own statistics
+  (in training and inference), the bottleneck must hold more than one voxel (at least one patch axis of 64 or more). ``feature_size`` 12 keeps it trainable on a CPU.
 
 :func:`patch_size` chooses a training patch from the data that satisfies those rules. Example::
 
