@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -104,6 +106,9 @@ def test_evaluate_2d_report_schema_figure_and_cache(tmp_path):
     on_disk = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert set(REPORT_KEYS) <= set(on_disk)
     assert (tmp_path / "r.md").read_text().count("\n| ") >= 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     assert (tmp_path / "f.png").stat().st_size > 1000
     assert rep["victim"] == "unet" and rep["defence"] == "none" and rep["epochs"] == 1 and rep["seed"] == 0
     assert rep["image_size"] == [32, 32] and rep["config"]["patch_size"] == [32, 32]

@@ -95,7 +95,8 @@ def draw_figure(
 
     rows = max(len(train_cases), len(test_cases))
     fig, axes = plt.subplots(rows, 6, figsize=(6 * 2.4, rows * 2.5), squeeze=False)
-    seg_cmap = ListedColormap(["none", "#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de"])
+    # label colours that stand out on red endoscopy and on gray MRI/CT: cyan, yellow, magenta, green, blue
+    seg_cmap = ListedColormap(["none", "#00e5ff", "#ffd60a", "#ff2d95", "#34c759", "#0a84ff"])
     for r in range(rows):
         for ax in axes[r]:
             ax.axis("off")

@@ -102,18 +102,7 @@ def sanitise(obj: Any) -> Any:
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented strict JSON through a temporary file renamed into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(sanitise(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    return _write_text(json.dumps(sanitise(obj), indent=1, allow_nan=False) + "\n", path)
 
 
 def fmt(value: Any, digits: int = 2, pct: bool = False) -> str:
@@ -167,17 +156,25 @@ def report_markdown(report: dict[str, Any]) -> str:
             fmt(r["clean_victim"]["train_seconds"], 0) + (" (cached)" if r["clean_victim"]["cached"] else ""),
             fmt(r["protected_victim"]["train_seconds"], 0) + (" (cached)" if r["protected_victim"]["cached"] else ""),
         ])
-    return "\n".join(head) + markdown_table(headers, rows) + "\n"
+    return "\n".join(head) + "\n" + markdown_table(headers, rows) + "\n"
 
 
 def write_markdown(text: str, path: str | os.PathLike) -> Path:
     """Write Markdown text through a temporary file renamed into place."""
+    return _write_text(text, path)
+
+
+def _write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write through a temporary file renamed into place, with the usual permissions (``0666 & ~umask``)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix, dir=p.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
