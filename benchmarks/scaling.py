@@ -21,8 +21,10 @@ outputs of all runs can be compared bit for bit (float results depend on the thr
 
 Reported per run: ``job s`` (``protect_dataset`` from its start to the renamed output: loading, perturbation,
 writing, fragments, manifest and key; after interpreter start-up and rendezvous), ``cases/s`` = cases / job s,
-``wall s`` (the whole torchrun command, start-up included), the speed-up over one process, and whether the
-protected arrays equal those of the one-process run.
+``wall s`` (the whole torchrun command, start-up included), the speed-up over one process, the CPU seconds each
+rank spent in ``protect_dataset`` and ``cases/CPU-s`` (cases / CPU seconds of the busiest rank: the throughput with
+one free core per process, which a busy shared machine does not give), and whether the protected arrays equal
+those of the one-process run.
 
 Example::
 
@@ -65,9 +67,13 @@ def _worker(args: argparse.Namespace) -> None:
     protector = protectors.get(args.method, **params)
     if args.state:
         protector.load_state_dict(torch.load(args.state, map_location="cpu", weights_only=False))
+    from monai_umed import distributed
+
+    cpu0 = time.process_time()
     s = protect_dataset(args.dataset, args.out, protector=protector, progress=False)
-    if s.get("rank", 0) == 0:
-        Path(args.result).write_text(json.dumps(s, default=str))
+    cpu = distributed.all_gather_object(time.process_time() - cpu0)
+    if distributed.is_main():
+        Path(args.result).write_text(json.dumps({**s, "cpu_per_rank": cpu}, default=str))
 
 
 def _fit(method: str, params: dict[str, Any], dataset: Path, n_cases: int, path: Path) -> float:
@@ -108,7 +114,7 @@ def _run(method: str, params: dict[str, Any], state: Path | None, nproc: int, th
     manifest = json.loads((out / "manifest.json").read_text())
     arrays = [c.get("array_sha256_protected") for c in manifest["cases"]]
     return {"method": method, "nproc": nproc, "cases": s["protected"], "job_s": float(s["seconds"]), "wall_s": wall,
-            "arrays": arrays, "psnr_mean": s["psnr_mean"]}
+            "arrays": arrays, "psnr_mean": s["psnr_mean"], "cpu": [float(c) for c in s["cpu_per_rank"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                 r = rows[-1]
                 print(f"  {method} x{n}: {r['cases']} cases in {r['job_s']:.1f} s", flush=True)
         print(f"\n{'method':8} {'procs':>5} {'cases':>6} {'job s':>8} {'cases/s':>8} {'speed-up':>8} {'wall s':>8} "
-              f"{'same arrays':>11}")
+              f"{'CPU s per rank':>16} {'cases/CPU-s':>11} {'same arrays':>11}")
         for r in rows:
             base = next(b for b in rows if b["method"] == r["method"] and b["nproc"] == min(args.nprocs))
+            cpu = "/".join(f"{c:.0f}" for c in r["cpu"])
             print(f"{r['method']:8} {r['nproc']:5d} {r['cases']:6d} {r['job_s']:8.1f} {r['cases'] / r['job_s']:8.2f} "
-                  f"{base['job_s'] / r['job_s']:8.2f} {r['wall_s']:8.1f} {'yes' if r['arrays'] == base['arrays'] else 'NO':>11}")
+                  f"{base['job_s'] / r['job_s']:8.2f} {r['wall_s']:8.1f} {cpu:>16} {r['cases'] / max(r['cpu']):11.2f} "
+                  f"{'yes' if r['arrays'] == base['arrays'] else 'NO':>11}")
+        print("\ncases/CPU-s: cases / CPU seconds of the busiest rank, i.e. the throughput with one free core per "
+              "process (independent of other load on the machine); job s and cases/s are wall-clock figures.")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -286,7 +286,8 @@ def check_abort(folder: str | os.PathLike | None, phase: str, hint: str = "") ->
         except (OSError, ValueError):
             continue  # being written; the next check reads it
         if int(info.get("rank", -1)) != rank():
-            raise RankFailedError(int(info["rank"]), world_size(), str(info.get("phase", phase)), str(info.get("error")), hint)
+            raise RankFailedError(int(info["rank"]), world_size(), str(info.get("phase", phase)),
+                                  str(info.get("error")), hint)
 
 
 def clear_abort(folder: str | os.PathLike) -> None:

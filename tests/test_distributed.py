@@ -38,7 +38,8 @@ UMED_TINY = {"channels": [4, 8, 8], "surrogate_channels": [4, 8, 8], "patch_size
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def decoded(path: Path) -> np.ndarray:
@@ -51,7 +52,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(args: Sequence[Any], cwd: Path, console: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(args: Sequence[Any], cwd: Path, console: bool = False, timeout: float = 300
+             ) -> subprocess.CompletedProcess:
     """Run ``monai-umed ARGS`` (or a script) on 2 processes with torchrun on loopback."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
@@ -86,7 +88,8 @@ def data(tmp_path: Path) -> Path:
 def test_helpers_in_one_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not distributed.launched() and not distributed.init_process_group("cpu")
-    assert (distributed.rank(), distributed.world_size(), distributed.is_main(), distributed.is_distributed()) == (0, 1, True, False)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert not distributed.is_distributed()
     assert distributed.shard([3, 1, 2]) == [3, 1, 2] and distributed.shard([1, 2, 3], pad=True) == [1, 2, 3]
     sampler = distributed.distributed_sampler(list(range(5)), shuffle=True, seed=3)
     sampler.set_epoch(1)
@@ -101,7 +104,8 @@ def test_helpers_in_one_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert not list(tmp_path.glob("abort-*"))  # nothing to report to in one process
     distributed.check_abort(tmp_path, "testing")
     err = distributed.RankFailedError(1, 2, "protecting", "x.png: unreadable", "rerun with --resume")
-    assert isinstance(err, InputError) and str(err) == "rank 1 of 2 failed while protecting: x.png: unreadable; rerun with --resume"
+    assert isinstance(err, InputError)
+    assert str(err) == "rank 1 of 2 failed while protecting: x.png: unreadable; rerun with --resume"
     assert not distributed.supports_distributed_fit(protectors.get("noise"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
@@ -110,9 +114,10 @@ def test_helpers_in_one_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         distributed.init_process_group("cpu")
 
 
-# -- two processes ------------------------------------------------------------------------------------------------------
+# -- two processes ----------------------------------------------------------------------------------------------
 def test_noise_two_processes_match_one_byte_for_byte(data: Path, tmp_path: Path) -> None:
-    one = Path(protect_dataset(data, tmp_path / "one", "noise", split="training", batch_size=2, progress=False)["output"])
+    one = Path(protect_dataset(data, tmp_path / "one", "noise", split="training", batch_size=2,
+                               progress=False)["output"])
     r = torchrun(["protect", data, tmp_path / "two", "--method", "noise", "--split", "training", "--batch-size", "2",
                   "--quiet"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -124,12 +129,14 @@ def test_noise_two_processes_match_one_byte_for_byte(data: Path, tmp_path: Path)
 
 
 def test_rank_failure_stops_job_and_resume_completes(data: Path, tmp_path: Path) -> None:
-    one = Path(protect_dataset(data, tmp_path / "one", "noise", split="training", batch_size=1, progress=False)["output"])
+    one = Path(protect_dataset(data, tmp_path / "one", "noise", split="training", batch_size=1,
+                               progress=False)["output"])
     # with one case per batch, rank 1 protects cases 1 and 3 of the five: case 3 is unreadable
     bad = data / "imagesTr" / "case_tr003.png"
     good = bad.read_bytes()
     bad.write_bytes(b"not an image")
-    args = ["protect", data, tmp_path / "two", "--method", "noise", "--split", "training", "--batch-size", "1", "--quiet"]
+    args = ["protect", data, tmp_path / "two", "--method", "noise", "--split", "training", "--batch-size", "1",
+            "--quiet"]
     r = torchrun(args, tmp_path)
     assert r.returncode != 0
     assert f"rank 1 of 2 failed while protecting: {bad}: unreadable or corrupt image" in r.stderr, r.stderr
@@ -152,8 +159,8 @@ def test_umed_two_processes(data: Path, tmp_path: Path) -> None:
         pytest.skip("the umed protector is not registered in this checkout")
     one = protect_dataset(data, tmp_path / "one", "umed", epochs=1, params=UMED_TINY, split="training", progress=False)
     params = [a for k, v in UMED_TINY.items() for a in ("--param", f"{k}={json.dumps(v)}")]
-    r = torchrun(["protect", data, tmp_path / "two", "--method", "umed", "--epochs", "1", *params, "--split", "training",
-                  "--quiet"], tmp_path)
+    r = torchrun(["protect", data, tmp_path / "two", "--method", "umed", "--epochs", "1", *params,
+                  "--split", "training", "--quiet"], tmp_path)
     assert r.returncode == 0, r.stderr
     two, key = tmp_path / "two", tmp_path / "two.umedkey"
     m1 = json.loads((Path(one["output"]) / "manifest.json").read_text())
@@ -174,7 +181,7 @@ def test_umed_two_processes(data: Path, tmp_path: Path) -> None:
         assert np.array_equal(expected, decoded(two / case["output"][0])), case["case_id"]
 
 
-# -- DDP fitting (the worker runs under torchrun) -----------------------------------------------------------------------
+# -- DDP fitting (the worker runs under torchrun) ---------------------------------------------------------------
 class _Shift(torch.nn.Module):
     """One learnable offset per class, ``delta = eps * tanh(w[label])``."""
 
@@ -201,7 +208,8 @@ class ShiftProtector(Protector):
         self.distributed_fit = not fail_fit  # the failing variant is fitted by rank 0 alone
         self.net = _Shift(self.epsilon)
 
-    def fit(self, samples: Sequence[dict[str, Any]], *, progress: bool = True, checkpoint: Any = None) -> "ShiftProtector":
+    def fit(self, samples: Sequence[dict[str, Any]], *, progress: bool = True,
+            checkpoint: Any = None) -> "ShiftProtector":
         if self.fail_fit:
             raise RuntimeError("boom in fit")
         self._set_spatial_dims(samples[0]["image"])
@@ -224,7 +232,8 @@ class ShiftProtector(Protector):
         self.fitted = True
         return self
 
-    def perturbation(self, image: torch.Tensor, label: torch.Tensor | None = None, case_id: str | None = None) -> torch.Tensor:
+    def perturbation(self, image: torch.Tensor, label: torch.Tensor | None = None,
+                     case_id: str | None = None) -> torch.Tensor:
         self._check_inputs(image, label)
         with torch.no_grad():
             return self.net(label.cpu()).to(torch.float32).expand_as(image).clone()
@@ -264,7 +273,8 @@ def test_ddp_fit_and_fit_failure(data: Path, tmp_path: Path) -> None:
     fits = [json.loads((tmp_path / f"fit-rank{k}.json").read_text()) for k in (0, 1)]
     assert fits[0]["w"] == fits[1]["w"] and fits[0]["w"] != [0.0, 0.0]
     assert [len(f["seen"]) for f in fits] == [9, 9]
-    assert {c for f in fits for c in f["seen"][:3]} == {c.case_id for c in load_dataset(data).cases if c.split == "training"}
+    train_ids = {c.case_id for c in load_dataset(data).cases if c.split == "training"}
+    assert {c for f in fits for c in f["seen"][:3]} == train_ids
     used = [json.loads((tmp_path / f"used-rank{k}.json").read_text()) for k in (0, 1)]
     assert used[0] == used[1] == fits[0]["w"]
     summaries = [json.loads((tmp_path / f"summary-rank{k}.json").read_text()) for k in (0, 1)]
