@@ -98,6 +98,8 @@ def _run_protect(args: argparse.Namespace) -> int:
         split=args.split, device=args.device, seed=args.seed, resume=args.resume, progress=not args.quiet,
         intensity=args.intensity, new_uids=args.new_uids, batch_size=args.batch_size,
     )
+    if summary.get("rank", 0):  # under torchrun, rank 0 reports for the whole job
+        return 0
     if summary["jpeg_as_png"]:
         print(f"notice: {summary['jpeg_as_png']} JPEG image(s) were written as lossless PNG (JPEG would destroy the "
               "perturbation); dataset.json points at the .png files", file=sys.stderr)
