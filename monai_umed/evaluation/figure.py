@@ -114,7 +114,7 @@ def draw_figure(
                 amp = (hi - lo) / (2 * m)
                 shown = np.clip(0.5 + d_img / (2 * m), 0, 1)
                 axes[r, 1].imshow(shown, cmap=None if shown.ndim == 3 else "seismic", vmin=0, vmax=1)
-                axes[r, 1].text(0.02, 0.98, f"x{amp:.0f}\n|delta| <= {m:g}", transform=axes[r, 1].transAxes,
+                axes[r, 1].text(0.02, 0.98, f"x{amp:.3g}\n|delta| <= {m:.4g}", transform=axes[r, 1].transAxes,
                                 fontsize=7, va="top", color="black", backgroundcolor=(1, 1, 1, 0.6))
             else:
                 axes[r, 1].imshow(np.full(d_img.shape[:2], 0.5), cmap="gray", vmin=0, vmax=1)
