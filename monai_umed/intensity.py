@@ -178,9 +178,10 @@ def quantise(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Apply a normalised perturbation to a stored array and quantise the result to the stored dtype.
 
-    ``delta_q = round(to_stored(x + delta)) - x_stored``, clipped to the dtype range and, when ``epsilon`` is
-    given, to the largest whole number of stored units inside the budget, so the budget holds *after*
-    quantisation. Float images are perturbed without rounding.
+    ``delta_q = round(to_stored(x + delta)) - x_stored``, clipped to the largest whole number of stored units
+    inside the budget when ``epsilon`` is given (so the budget holds *after* quantisation); the result stays
+    inside the dtype's range and inside the wider of the image's own range and the mapping's window (so a float
+    MRI volume whose background is 0 gets no negative values). Float images are perturbed without rounding.
 
     Args:
         stored: channel-first stored array (the file's values).
@@ -204,9 +205,17 @@ def quantise(
                 stacklevel=2,
             )
         d = np.clip(d, -b, b)
+    # never leave the wider of the image's own range and the mapping's window (METHODS.md clips to [0, 1]; values
+    # outside the window, e.g. above the 99.5th percentile, are kept), nor the dtype's range
+    flat = stored.reshape(stored.shape[0], -1)
+    shape = (stored.shape[0],) + (1,) * (stored.ndim - 1)
+    win = np.sort(np.stack([mapping.to_stored(np.zeros(shape)), mapping.to_stored(np.ones(shape))]), axis=0)
+    lo = np.minimum(flat.min(axis=1).reshape(shape), win[0])
+    hi = np.maximum(flat.max(axis=1).reshape(shape), win[1])
     if dtype.kind in "uib":
         info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
-        out = np.clip(stored.astype(np.int64) + np.rint(d).astype(np.int64), info.min, info.max)
+        lo, hi = np.maximum(np.ceil(lo), info.min), np.minimum(np.floor(hi), info.max)
+        out = np.clip(stored.astype(np.int64) + np.rint(d).astype(np.int64), lo.astype(np.int64), hi.astype(np.int64))
         return out.astype(dtype), out - stored.astype(np.int64)
-    out = (stored.astype(np.float64) + d).astype(dtype)
+    out = np.clip(stored.astype(np.float64) + d, lo, hi).astype(dtype)
     return out, out.astype(np.float64) - stored.astype(np.float64)

@@ -53,7 +53,7 @@ def test_quantise_respects_budget_and_dtype() -> None:
     assert budget_in_stored(6.6 / 255, m)[0] == 6
     # saturation at the dtype range
     out, _ = quantise(np.full((3, 2, 2), 254, np.uint8), np.full((3, 2, 2), 0.03), m, eps)
-    assert out.max() == 255
+    assert out.max() == 255  # the dtype-range window allows it even though the image never reaches 255
 
 
 def test_quantise_warns_when_budget_is_below_one_step() -> None:
@@ -68,4 +68,7 @@ def test_quantise_float_images() -> None:
     m = compute_mapping(x, "minmax")
     out, dq = quantise(x, np.full(x.shape, 0.01), m, 0.02)
     assert out.dtype == np.float32
-    np.testing.assert_allclose(dq, 1.0, rtol=1e-5)
+    np.testing.assert_allclose(dq.ravel()[:-1], 1.0, rtol=1e-5)
+    assert out.max() == x.max()  # kept inside the image's own range
+    out, dq = quantise(x, np.full(x.shape, -0.01), m, 0.02)
+    assert out.min() == 0.0 and dq.ravel()[0] == 0.0
