@@ -260,7 +260,8 @@ class SampleWiseProtector(Protector):
         alpha: PGD step size; ``None`` -> ``epsilon * alpha_fraction`` of the method.
         steps: PGD steps (per round for min-min methods).
         work_size: longest spatial side of the work grid (default 64; ``None``: the file's own grid).
-        batch_size: cases per optimisation batch.
+        batch_size: cases per batch of surrogate training and PGD; ``None`` (default) -> 16 in 2D, 4 in 3D (a whole
+            3D volume per case: smaller batches give the surrogate more updates per pass at the same cost).
         surrogate_channels: channels per level of the surrogate UNet.
         lr: surrogate learning rate.
         augment: random flips / 90-degree rotations in surrogate training and in the PGD objective.
@@ -278,7 +279,7 @@ class SampleWiseProtector(Protector):
         alpha: float | None = None,
         steps: int = 10,
         work_size: int | None = 64,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         surrogate_channels: Sequence[int] = (16, 32, 64, 128),
         lr: float = 1e-3,
         augment: bool = True,
@@ -287,7 +288,7 @@ class SampleWiseProtector(Protector):
         **kwargs: Any,
     ) -> None:
         super().__init__(epsilon=epsilon, **kwargs)
-        if steps < 0 or batch_size < 1:
+        if steps < 0 or (batch_size is not None and batch_size < 1):
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
         if work_size is not None and work_size < 8:
             raise ValueError(f"work_size must be None or >= 8, got {work_size}")
@@ -295,7 +296,7 @@ class SampleWiseProtector(Protector):
         self.alpha = float(alpha) if alpha is not None else self.epsilon * self.alpha_fraction
         self.steps = int(steps)
         self.work_size = None if work_size is None else int(work_size)
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.surrogate_channels = tuple(int(c) for c in surrogate_channels)
         self.lr = float(lr)
         self.augment = bool(augment)
@@ -442,6 +443,11 @@ class SampleWiseProtector(Protector):
             raise ValueError(f"{self.name}: label {max_label} was not among the {self.num_classes} classes seen in fit")
         return ws
 
+    def _batch_size(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return 4 if self.spatial_dims == 3 else 16
+
     def _new_surrogate(self) -> Surrogate:
         return Surrogate(
             spatial_dims=int(self.spatial_dims or 2),
@@ -456,7 +462,8 @@ class SampleWiseProtector(Protector):
     def _batches(self, ws: WorkSet) -> list[list[int]]:
         """Fixed batches: samples sorted by work-grid shape (less padding), then chunked; deterministic."""
         order = sorted(range(len(ws)), key=lambda i: (tuple(ws.images[i].shape[1:]), i))
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        bs = self._batch_size()
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
 
     def _collate(self, ws: WorkSet, idx: Sequence[int], deltas: Sequence[torch.Tensor] | None = None) -> _Batch:
         k = self.surrogate.multiple if self.surrogate is not None else 1
@@ -512,8 +519,9 @@ class SampleWiseProtector(Protector):
         stride = max(1, math.ceil(len(flat) / max_cases))
         subset = flat[::stride]
         dices = []
-        for s in range(0, len(subset), self.batch_size):
-            b = self._collate(ws, subset[s : s + self.batch_size])
+        bs = self._batch_size()
+        for s in range(0, len(subset), bs):
+            b = self._collate(ws, subset[s : s + bs])
             dices.append(self.surrogate.dice((b.x + b.delta).clamp(0, 1), b.y))
         return float(sum(dices) / len(dices))
 
