@@ -136,6 +136,11 @@ class UMedProtector(Protector):
         n_gen: generator steps per batch.
         n_sur: surrogate steps per batch.
         stop_dice: stop when the surrogate's mean training Dice over an epoch exceeds this.
+        mix: probability, per training patch, that its perturbation is fitted on top of another patch of the batch
+            (same target): the perturbation must then encode the label by itself instead of amplifying the
+            image's own features, which a victim would also find in clean images.
+        surrogate_reset: re-initialise the surrogate every this many batches (0: never), so the generators keep
+            fitting a network early in its training, as a victim's is.
         lr: Adam learning rate of the generators.
         surrogate_lr: Adam learning rate of the surrogate.
         batch_size: training patches per step.
@@ -179,6 +184,8 @@ class UMedProtector(Protector):
         n_gen: int = 1,
         n_sur: int = 1,
         stop_dice: float = 0.99,
+        mix: float = 0.0,
+        surrogate_reset: int = 0,
         lr: float = 2e-3,
         surrogate_lr: float = 1e-3,
         batch_size: int = 8,
@@ -223,6 +230,10 @@ class UMedProtector(Protector):
         if self.n_gen < 1 or self.n_sur < 0:
             raise ValueError("n_gen must be >= 1 and n_sur >= 0")
         self.stop_dice = float(stop_dice)
+        self.mix = float(mix)
+        self.surrogate_reset = int(surrogate_reset)
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {mix}")
         self.lr, self.surrogate_lr = float(lr), float(surrogate_lr)
         self.batch_size = int(batch_size)
         self.patch_size = _as_int_tuple(patch_size, "patch_size")
@@ -546,6 +557,17 @@ class UMedProtector(Protector):
             x, y = F.pad(x, pad), F.pad(y, pad)
         return x, y
 
+    def _mix_base(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The images the perturbations are added to while fitting: with probability ``mix`` per patch, another
+        patch of the batch (the perturbation and the target stay those of the original patch)."""
+        b = x.shape[0]
+        if self.mix <= 0.0 or b < 2:
+            return x
+        r = torch.rand(b + 1, generator=g)
+        shift = 1 + int(float(r[-1]) * (b - 1)) % (b - 1)
+        swap = (r[:b] < self.mix).to(x.device).reshape((b,) + (1,) * (x.ndim - 1))
+        return torch.where(swap, torch.roll(x, shift, dims=0), x)
+
     def _quantise_st(self, x: torch.Tensor, delta: torch.Tensor, levels: int) -> torch.Tensor:
         """``x + delta`` rounded to ``levels`` grey levels with a straight-through gradient."""
         xp = x + delta
@@ -602,8 +624,12 @@ class UMedProtector(Protector):
         params = [p for net, used in ((self.gen_c, self.mode != "texture"), (self.gen_t, self.mode != "contour"))
                   if used for p in net.parameters()]
         opt = torch.optim.Adam(params, lr=self.lr)
-        sur = Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
-                        device=self.device, seed=case_seed(self.seed, "umed-surrogate") % (2**31))
+        def new_surrogate(generation: int) -> Surrogate:
+            salt = "umed-surrogate" if generation == 0 else f"umed-surrogate-{generation}"
+            return Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
+                             device=self.device, seed=case_seed(self.seed, salt) % (2**31))
+
+        sur = new_surrogate(0)
         start_epoch, self.history = 0, []
         if checkpoint is not None and os.path.exists(checkpoint):
             state = torch.load(checkpoint, map_location=self.device, weights_only=False)
@@ -630,16 +656,22 @@ class UMedProtector(Protector):
             batches = [order[i: i + self.batch_size] for i in range(0, n, self.batch_size)]
             gen_losses, sur_losses, dices = [], [], []
             inner = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, disable=not progress)
-            for idx in inner:
+            for step, idx in enumerate(inner):
+                it = epoch * len(batches) + step
+                if self.surrogate_reset > 0 and it > 0 and it % self.surrogate_reset == 0:
+                    # a fresh learner: the perturbation must be what a network picks up first, not what a
+                    # well-trained surrogate already sees in the images
+                    sur = new_surrogate(it // self.surrogate_reset)
                 x, y, m_c, m_roi, a_c, a_t, limit = self._sample_batch(samples, cache, idx, patch, g)
                 inp = self._gen_inputs(x, m_c, m_roi)
                 # (a) generators: minimise the surrogate's loss on the protected, preprocessed patch
                 sur.model.requires_grad_(False)
                 self.gen_c.train(), self.gen_t.train()
+                base = self._mix_base(x, g)
                 for _ in range(self.n_gen):
                     raw_c, raw_t = self._raw(inp, x.shape[2:])
                     delta = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
-                    xp = self._quantise_st(x, delta, levels)
+                    xp = self._quantise_st(base, delta, levels).clamp(0.0, 1.0)
                     xa, ya = self._standin(xp, y, g, sur.multiple)
                     loss = sur.loss(xa, ya)
                     opt.zero_grad(set_to_none=True)
@@ -648,7 +680,7 @@ class UMedProtector(Protector):
                     gen_losses.append(float(loss.detach()))
                 sur.model.requires_grad_(True)
                 # (b) surrogate: learn from the protected patches (augmented)
-                xp = self._quantise_st(x, delta.detach(), levels)
+                xp = self._quantise_st(base, delta.detach(), levels).clamp(0.0, 1.0)
                 for _ in range(self.n_sur):
                     xa, ya = self._standin(xp, y, g, sur.multiple)
                     sur.model.train()
@@ -760,6 +792,8 @@ class UMedProtector(Protector):
             "n_gen": self.n_gen,
             "n_sur": self.n_sur,
             "stop_dice": self.stop_dice,
+            "mix": self.mix,
+            "surrogate_reset": self.surrogate_reset,
             "lr": self.lr,
             "surrogate_lr": self.surrogate_lr,
             "batch_size": self.batch_size,
