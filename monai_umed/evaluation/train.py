@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_umed.data.formats import atomic_path, file_sha256
 from monai_umed.errors import InputError
 from monai_umed.evaluation.defences import Defence, get_defence, pgd_attack
 from monai_umed.evaluation.metrics import dice_per_class, summarise_dice
@@ -377,14 +377,6 @@ def eval_transforms(cfg: VictimConfig):
     return Compose(t)
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def victim_cache_key(train_list: Sequence[dict[str, str]], cfg: VictimConfig) -> str:
     """Content hash of (training image and label bytes in list order, victim configuration, versions)."""
     import monai
@@ -393,8 +385,8 @@ def victim_cache_key(train_list: Sequence[dict[str, str]], cfg: VictimConfig) ->
 
     h = hashlib.sha256()
     for it in train_list:
-        h.update(_file_digest(it["image"]).encode())
-        h.update(_file_digest(it["label"]).encode())
+        h.update(file_sha256(it["image"]).encode())
+        h.update(file_sha256(it["label"]).encode())
     extra = {
         "config": cfg.to_dict(),
         "versions": {"torch": torch.__version__, "monai": monai.__version__, "monai_umed": monai_umed.__version__},
@@ -405,15 +397,8 @@ def victim_cache_key(train_list: Sequence[dict[str, str]], cfg: VictimConfig) ->
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def train_victim(
