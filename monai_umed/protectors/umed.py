@@ -32,11 +32,12 @@ surrogate, for ``epochs`` passes or until the surrogate's training Dice exceeds 
 Surviving the unauthorised trainer's preprocessing (METHODS.md section 4.7) is part of the objective (ours): every
 protected training patch passes through a differentiable stand-in of common preprocessing before the surrogate sees
 it: random down-resize (``F.interpolate``: area, Gaussian anti-aliasing + linear as MONAI's ``Resize``, or
-antialiased bilinear; scale drawn log-uniformly from ``resize_aug``), random intensity renormalisation (none, min-max, z-score) and, for 8-bit data, the rounding of the
-written file (straight-through). Flips and 90-degree rotations are applied to ``(x', y)`` as well. The generators
-run at ``1 / gen_scale`` of the native resolution and their output is upsampled (bilinear/trilinear) before the
-masks and the budget are applied, which both cuts CPU cost and gives the perturbation the low-frequency structure
-that resampling preserves; masks and budgets stay at native resolution.
+antialiased bilinear; scale drawn log-uniformly from ``resize_aug``), random intensity renormalisation (none,
+min-max, z-score) and, for 8-bit data, the rounding of the written file (straight-through). Flips and 90-degree
+rotations are applied to ``(x', y)`` as well. The generators run at ``1 / gen_scale`` of the native resolution and
+their output is upsampled (bilinear/trilinear) before the masks and the budget are applied, which both cuts CPU cost
+and gives the perturbation the low-frequency structure that resampling preserves; masks and budgets stay at native
+resolution.
 
 After fitting, protection is one forward pass of the two generators per case, batched by shape, under
 ``torch.no_grad``, with sliding windows (``monai.inferers.sliding_window_inference``) for images larger than
@@ -44,14 +45,14 @@ After fitting, protection is one forward pass of the two generators per case, ba
 
 Args (defaults):
     epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels),
-    contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions),
-    mode (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
-    epochs (None: 6 in 2D, 20 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators),
-    surrogate_lr (1e-3), batch_size (8), patch_size (None: 96 in 2D, 64 in 3D), resize_aug (``auto``: scales
-    ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range), gen_scale (None: 2 in 2D, 1 in
-    3D), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)), quantise_levels (``auto``: 255 for 8-bit
-    data, else none), sw_roi_size (None: twice the training patch at generator resolution), sw_overlap (0.25),
-    infer_batch_size (8), spatial_dims, seed (0), device (``auto``).
+    contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions), mode
+    (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
+    min_psnr (50 dB per case; None disables), mix (0), surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen
+    (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators), surrogate_lr (1e-3), batch_size (8), patch_size (None:
+    96 in 2D, 48 in 3D), resize_aug (``auto``: scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a
+    pair gives the range), gen_scale (None: 2), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)),
+    quantise_levels (``auto``: 255 for 8-bit data, else none), sw_roi_size (None: twice the training patch at
+    generator resolution), sw_overlap (0.25), infer_batch_size (8), spatial_dims, seed (0), device (``auto``).
 
 Shapes: ``image`` ``(C, H, W[, D])`` float in ``[0, 1]``; ``label`` ``(1, H, W[, D])`` int; ``delta`` like ``image``.
 
@@ -132,7 +133,7 @@ class UMedProtector(Protector):
         texture_window: window ``k`` of the local standard deviation.
         b_min: texture bound in the flattest ROI regions.
         texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
-        epochs: passes over the training samples (``None``: 6 in 2D, 20 in 3D).
+        epochs: passes over the training samples (``None``: 6 in 2D, 10 in 3D).
         n_gen: generator steps per batch.
         n_sur: surrogate steps per batch.
         stop_dice: stop when the surrogate's mean training Dice over an epoch exceeds this.
@@ -144,10 +145,10 @@ class UMedProtector(Protector):
         lr: Adam learning rate of the generators.
         surrogate_lr: Adam learning rate of the surrogate.
         batch_size: training patches per step.
-        patch_size: training patch size in native voxels (int or one per dim; ``None``: 96 in 2D, 64 in 3D,
+        patch_size: training patch size in native voxels (int or one per dim; ``None``: 96 in 2D, 48 in 3D,
             clipped to the largest training image).
         resize_aug: scale range of the random down-resize stand-in, ``auto``, or ``False``.
-        gen_scale: the generators run at ``1 / gen_scale`` of the native resolution (``None``: 2 in 2D, 1 in 3D).
+        gen_scale: the generators run at ``1 / gen_scale`` of the native resolution (``None``: 2).
         channels: generator channels per level.
         surrogate_channels: surrogate UNet channels per level.
         quantise_levels: simulate rounding to ``levels`` grey levels while fitting (``auto``: 255 when every
@@ -273,10 +274,10 @@ class UMedProtector(Protector):
         return int(self.spatial_dims)
 
     def _epochs(self) -> int:
-        return int(self.epochs) if self.epochs is not None else (6 if self._sd() == 2 else 20)
+        return int(self.epochs) if self.epochs is not None else (6 if self._sd() == 2 else 10)
 
     def _gen_scale(self) -> float:
-        return self.gen_scale if self.gen_scale is not None else (2.0 if self._sd() == 2 else 1.0)
+        return self.gen_scale if self.gen_scale is not None else 2.0
 
     def _resize_range(self) -> tuple[float, float] | None:
         if self.resize_aug == "auto":
@@ -285,7 +286,7 @@ class UMedProtector(Protector):
 
     def _patch(self, max_shape: Sequence[int]) -> tuple[int, ...]:
         sd = self._sd()
-        p = self.patch_size or ((96,) if sd == 2 else (64,))
+        p = self.patch_size or ((96,) if sd == 2 else (48,))
         p = tuple(p) * sd if len(p) == 1 else tuple(p)
         if len(p) != sd:
             raise ValueError(f"patch_size {self.patch_size} does not have {sd} entries")
@@ -405,7 +406,9 @@ class UMedProtector(Protector):
                     else torch.zeros_like(inp[:, :c]))
         return torch.cat(outs, dim=1)
 
-    def _raw(self, inp: torch.Tensor, native: Sequence[int], sliding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw(
+        self, inp: torch.Tensor, native: Sequence[int], sliding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generator outputs upsampled to the native size: ``(raw_c, raw_t)``."""
         c = int(self.in_channels or 1)
         if sliding:
@@ -424,7 +427,7 @@ class UMedProtector(Protector):
         if self.sw_roi_size is not None:
             r = self.sw_roi_size
             return tuple(r) * sd if len(r) == 1 else tuple(r)
-        p = self.patch_size or ((96,) if sd == 2 else (64,))
+        p = self.patch_size or ((96,) if sd == 2 else (48,))
         p = tuple(p) * sd if len(p) == 1 else tuple(p)
         return tuple(max(8, int(2 * v / self._gen_scale())) for v in p)
 
