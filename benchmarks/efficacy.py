@@ -20,6 +20,11 @@ protected-victim Dice, time to protect, time per victim) is printed and written 
 
     python benchmarks/efficacy.py ../shared/data/kvasir_seg --methods clean,noise --out /tmp/efficacy_kvasir
     python benchmarks/efficacy.py ../shared/data/hippocampus --methods clean,noise,umed --param umed.n_gen=5
+    python benchmarks/efficacy.py ../shared/data/kvasir_seg --methods umed,umed-contour=umed \
+        --param umed-contour.mode=contour
+
+A ``--methods`` entry ``LABEL=METHOD`` adds a row named LABEL that runs METHOD with the parameters given to LABEL
+(ablations and budget variants side by side in one table).
 
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
 training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
@@ -98,22 +103,24 @@ def subset_dataset(dataset: Path, out: Path, max_train: int) -> Path:
     return out
 
 
-def protect(dataset: Path, out: Path, method: str, args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
-    """Protect the training split once; a finished copy made with the same settings is reused."""
+def protect(dataset: Path, out: Path, label: str, method: str, args: argparse.Namespace,
+            params: dict[str, Any]) -> dict[str, Any]:
+    """Protect the training split once for the row ``label``; a finished copy made with the same settings is
+    reused."""
     from monai_umed.pipeline import protect_dataset
 
-    target = out / f"protected_{method}"
-    record = out / f"protected_{method}.json"
+    target = out / f"protected_{label}"
+    record = out / f"protected_{label}.json"
     settings = {"dataset": str(dataset.resolve()), "method": method, "epsilon": args.epsilon, "params": params,
                 "epochs": args.protect_epochs, "seed": args.seed}
     if target.exists():
         if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
-            print(f"[efficacy] {method}: reusing {target}", file=sys.stderr, flush=True)
+            print(f"[efficacy] {label}: reusing {target}", file=sys.stderr, flush=True)
             return json.loads(record.read_text())["summary"]
         raise InputError(f"{target} exists but was made with other settings (or did not finish); "
                          "delete it or choose another --out")
-    print(f"[efficacy] {method}: protecting the training split", file=sys.stderr, flush=True)
-    summary = protect_dataset(dataset, target, method=method, key=out / f"protected_{method}.umedkey",
+    print(f"[efficacy] {label}: protecting the training split", file=sys.stderr, flush=True)
+    summary = protect_dataset(dataset, target, method=method, key=out / f"protected_{label}.umedkey",
                               epsilon=args.epsilon, epochs=args.protect_epochs, params=params, split="training",
                               device=args.device, seed=args.seed, progress=not args.quiet)
     write_json({"settings": settings, "summary": summary}, record)
@@ -168,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from monai_umed import protectors
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    entries = [m.strip() for m in args.methods.split(",") if m.strip()]
+    base = {e.partition("=")[0].strip(): (e.partition("=")[2] or e).strip() for e in entries}
+    methods = list(base)
+    if len(methods) != len(entries):
+        raise InputError(f"--methods names a row twice: {args.methods}")
     available = protectors.names()
-    unknown = [m for m in methods if m != "clean" and m not in available]
+    unknown = [base[m] for m in methods if base[m] != "clean" and base[m] not in available]
     if unknown or not methods:
         raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: clean, "
                          f"{', '.join(available)}")
@@ -191,10 +202,10 @@ def _run(args: argparse.Namespace) -> int:
     rows, reports = [], {}
     for method in methods:
         t0 = time.perf_counter()
-        if method == "clean":
+        if base[method] == "clean":
             protected, psum = dataset, {"seconds": 0.0}
         else:
-            psum = protect(dataset, args.out, method, args, params[method])
+            psum = protect(dataset, args.out, method, base[method], args, params[method])
             protected = Path(psum["output"])
         print(f"[efficacy] {method}: evaluating ({args.victim})", file=sys.stderr, flush=True)
         rep = evaluate(dataset, protected, victim=args.victim, defences=args.defence or ["none"], epochs=args.epochs,
@@ -206,11 +217,11 @@ def _run(args: argparse.Namespace) -> int:
             pv = r["protected_victim"]
             rows.append({
                 "method": method, "defence": r["defence"],
-                "psnr": None if method == "clean" else rep["psnr"],
-                "psnr_roi": None if method == "clean" else rep["psnr_roi"],
-                "ssim": None if method == "clean" else rep["ssim"],
-                "max_abs_delta": None if method == "clean" else rep["max_abs_delta"],
-                "max_abs_delta_rel": None if method == "clean" else rep["max_abs_delta_rel"],
+                "psnr": None if base[method] == "clean" else rep["psnr"],
+                "psnr_roi": None if base[method] == "clean" else rep["psnr_roi"],
+                "ssim": None if base[method] == "clean" else rep["ssim"],
+                "max_abs_delta": None if base[method] == "clean" else rep["max_abs_delta"],
+                "max_abs_delta_rel": None if base[method] == "clean" else rep["max_abs_delta_rel"],
                 "clean_dtypes": rep["imperceptibility"]["dtypes"],
                 "dice_clean": r["dice_clean"], "dice_protected": r["dice_protected"],
                 "dice_per_class_clean": r["dice_per_class_clean"],
@@ -239,8 +250,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     text = header + "\n\n" + table(rows) + "\n"
     print(text)
-    out_json = {"dataset": str(args.dataset), "methods": methods, "epsilon": args.epsilon, "seed": args.seed,
-                "victim": args.victim, "epochs": first_rep["epochs"], "max_train": args.max_train,
+    out_json = {"dataset": str(args.dataset), "methods": methods, "row_methods": base, "epsilon": args.epsilon,
+                "seed": args.seed, "victim": args.victim, "epochs": first_rep["epochs"], "max_train": args.max_train,
                 "image_size": first_rep["image_size"], "config": cfg, "versions": first_rep["versions"],
                 "rows": rows, "reports": reports, "params": params}
     write_json(out_json, args.out / "efficacy.json")

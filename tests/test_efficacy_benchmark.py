@@ -1,0 +1,56 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""benchmarks/efficacy.py end to end on tiny synthetic data: labelled rows (``LABEL=METHOD``) with their own
+parameters, the table and the JSON record."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from test_evaluate import _write_2d
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _efficacy():
+    spec = importlib.util.spec_from_file_location("efficacy_bench", ROOT / "benchmarks" / "efficacy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_labelled_rows_and_table(tmp_path, capsys):
+    data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=32, ext=".png")
+    out = tmp_path / "out"
+    args = [str(data), "--methods", "clean,noise,noise-roi=noise", "--param", "noise-roi.region=roi", "--epochs", "1",
+            "--image-size", "32", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--quiet"]
+    assert _efficacy().main(args) == 0
+    text = capsys.readouterr().out
+    assert "| noise-roi |" in text and "| noise |" in text and "| clean |" in text
+    rec = json.loads((out / "efficacy.json").read_text())
+    assert rec["row_methods"] == {"clean": "clean", "noise": "noise", "noise-roi": "noise"}
+    assert rec["params"]["noise-roi"] == {"region": "roi"} and rec["params"]["noise"] == {}
+    settings = json.loads((out / "protected_noise-roi.json").read_text())["settings"]
+    assert settings["method"] == "noise" and settings["params"] == {"region": "roi"}
+    rows = {r["method"]: r for r in rec["rows"]}
+    # the ROI-only row leaves the background untouched, so it is closer to the clean images than whole-image noise
+    assert rows["noise-roi"]["psnr"] > rows["noise"]["psnr"]
+    assert rows["clean"]["psnr"] is None
+
+
+@pytest.mark.parametrize("methods", ["clean,nonexistent", "a=noise,a=noise", "x=nonexistent"])
+def test_bad_methods(tmp_path, methods, capsys):
+    data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
+    assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o")]) == 2
+    assert "efficacy: error:" in capsys.readouterr().err
