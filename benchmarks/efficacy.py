@@ -202,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
     rows, reports = [], {}
     for method in methods:
         t0 = time.perf_counter()
-        if base[method] == "clean":
+        is_clean = base[method] == "clean"
+        if is_clean:
             protected, psum = dataset, {"seconds": 0.0}
         else:
             psum = protect(dataset, args.out, method, base[method], args, params[method])
@@ -217,11 +218,11 @@ def _run(args: argparse.Namespace) -> int:
             pv = r["protected_victim"]
             rows.append({
                 "method": method, "defence": r["defence"],
-                "psnr": None if base[method] == "clean" else rep["psnr"],
-                "psnr_roi": None if base[method] == "clean" else rep["psnr_roi"],
-                "ssim": None if base[method] == "clean" else rep["ssim"],
-                "max_abs_delta": None if base[method] == "clean" else rep["max_abs_delta"],
-                "max_abs_delta_rel": None if base[method] == "clean" else rep["max_abs_delta_rel"],
+                "psnr": None if is_clean else rep["psnr"],
+                "psnr_roi": None if is_clean else rep["psnr_roi"],
+                "ssim": None if is_clean else rep["ssim"],
+                "max_abs_delta": None if is_clean else rep["max_abs_delta"],
+                "max_abs_delta_rel": None if is_clean else rep["max_abs_delta_rel"],
                 "clean_dtypes": rep["imperceptibility"]["dtypes"],
                 "dice_clean": r["dice_clean"], "dice_protected": r["dice_protected"],
                 "dice_per_class_clean": r["dice_per_class_clean"],
