@@ -31,7 +31,7 @@ import numpy as np, torch, torch.nn.functional as F
 from monai_umed.data.datalist import load_dataset
 from monai_umed.data.formats import codec_for
 from monai_umed.intensity import quantise
-from monai_umed.pipeline import load_case
+from monai_umed.pipeline import _psnr, load_case
 from monai_umed.masks import contour_band, roi_mask
 from monai_umed.protectors.surrogate import Surrogate, augment_pair
 from monai_umed.protectors.umed import _gaussian_blur
@@ -133,9 +133,7 @@ with torch.no_grad():
         up = F.interpolate(D[i:i + 1], size=(H, W), mode="bilinear", align_corners=False)[0]
         delta = (torch.maximum(torch.minimum(up, A[i, :]), -A[i, :]) * M[i]).numpy()
         prot, dq = quantise(lc.image.array, delta, lc.mapping, float(A[i].max()))
-        dn = dq / lc.mapping.scale(dq.ndim)
-        mse = float(np.mean(dn.astype(np.float64) ** 2))
-        psnrs.append(10 * np.log10(1 / mse) if mse > 0 else float("inf"))
+        psnrs.append(_psnr(dq / lc.mapping.scale(dq.ndim)))
         codec = codec_for(lc.paths[0])
         target = out / "files" / codec.output_relpath(lc.case.image_files[0])
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -345,13 +346,13 @@ class SampleWiseProtector(Protector):
         return self
 
     # -- hooks for subclasses ---------------------------------------------------------------------------------------
+    @abstractmethod
     def _fit(self, ws: WorkSet, batches: list[list[int]], checkpoint: Path | None, progress: bool) -> None:
         """The method's schedule over the training work set (fills :attr:`deltas`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _attack(self, b: _Batch, generator: torch.Generator, steps: int) -> torch.Tensor:
         """Run the method's PGD on one padded batch and return the new (padded) perturbation."""
-        raise NotImplementedError
 
     def _unseen_steps(self) -> int:
         """PGD steps spent on a case not seen in ``fit``."""
