@@ -24,7 +24,9 @@ protected-victim Dice, time to protect, time per victim) is printed and written 
         --param umed-contour.mode=contour
 
 A ``--methods`` entry ``LABEL=METHOD`` adds a row named LABEL that runs METHOD with the parameters given to LABEL
-(ablations and budget variants side by side in one table).
+(ablations and budget variants side by side in one table). ``--param LABEL.epsilon=2/255`` gives one row its own
+L-inf budget (the table's ``epsilon x255`` column), e.g. to compare methods each at the budget that keeps them at
+or above a PSNR.
 
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
 training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
@@ -104,14 +106,14 @@ def subset_dataset(dataset: Path, out: Path, max_train: int) -> Path:
 
 
 def protect(dataset: Path, out: Path, label: str, method: str, args: argparse.Namespace,
-            params: dict[str, Any]) -> dict[str, Any]:
+            params: dict[str, Any], epsilon: float) -> dict[str, Any]:
     """Protect the training split once for the row ``label``; a finished copy made with the same settings is
     reused."""
     from monai_umed.pipeline import protect_dataset
 
     target = out / f"protected_{label}"
     record = out / f"protected_{label}.json"
-    settings = {"dataset": str(dataset.resolve()), "method": method, "epsilon": args.epsilon, "params": params,
+    settings = {"dataset": str(dataset.resolve()), "method": method, "epsilon": epsilon, "params": params,
                 "epochs": args.protect_epochs, "seed": args.seed}
     if target.exists():
         if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
@@ -121,20 +123,21 @@ def protect(dataset: Path, out: Path, label: str, method: str, args: argparse.Na
                          "delete it or choose another --out")
     print(f"[efficacy] {label}: protecting the training split", file=sys.stderr, flush=True)
     summary = protect_dataset(dataset, target, method=method, key=out / f"protected_{label}.umedkey",
-                              epsilon=args.epsilon, epochs=args.protect_epochs, params=params, split="training",
+                              epsilon=epsilon, epochs=args.protect_epochs, params=params, split="training",
                               device=args.device, seed=args.seed, progress=not args.quiet)
     write_json({"settings": settings, "summary": summary}, record)
     return summary
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    headers = ["method", "defence", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
+    headers = ["method", "defence", "epsilon x255", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
                "max abs delta / R (x255)", "Dice clean victim (%)",
                "Dice protected victim (%)", "protect (s)", "victim (s)"]
     body = []
     for r in rows:
         body.append([
-            r["method"], r["defence"], fmt(r["psnr"]), fmt(r["psnr_roi"]), fmt(r["ssim"], 4),
+            r["method"], r["defence"], "-" if r["epsilon"] is None else f"{r['epsilon'] * 255:.3g}",
+            fmt(r["psnr"]), fmt(r["psnr_roi"]), fmt(r["ssim"], 4),
             fmt(r["max_abs_delta"], 1),
             fmt(None if r["max_abs_delta_rel"] is None else r["max_abs_delta_rel"] * 255, 2),
             fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
@@ -186,6 +189,11 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: clean, "
                          f"{', '.join(available)}")
     params = parse_params(args.param, methods)
+    # a row's own budget is a protect_dataset argument, not a protector parameter
+    epsilons = {m: params[m].pop("epsilon", args.epsilon) for m in methods}
+    bad = [m for m, e in epsilons.items() if not isinstance(e, (int, float)) or not 0 <= e <= 1]
+    if bad:
+        raise InputError(f"--param {bad[0]}.epsilon must be a number in [0, 1] (e.g. 2/255), got {epsilons[bad[0]]!r}")
     if args.max_train is not None and args.max_train < 1:
         raise InputError("--max-train must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -206,18 +214,18 @@ def _run(args: argparse.Namespace) -> int:
         if is_clean:
             protected, psum = dataset, {"seconds": 0.0}
         else:
-            psum = protect(dataset, args.out, method, base[method], args, params[method])
+            psum = protect(dataset, args.out, method, base[method], args, params[method], epsilons[method])
             protected = Path(psum["output"])
         print(f"[efficacy] {method}: evaluating ({args.victim})", file=sys.stderr, flush=True)
         rep = evaluate(dataset, protected, victim=args.victim, defences=args.defence or ["none"], epochs=args.epochs,
                        seed=args.seed, image_size=image_size, device=args.device, cache_dir=args.cache_dir,
-                       epsilon=args.epsilon, threads=threads, report=args.out / f"eval_{method}.json",
+                       epsilon=epsilons[method], threads=threads, report=args.out / f"eval_{method}.json",
                        progress=not args.quiet)
         reports[method] = str(args.out / f"eval_{method}.json")
         for r in rep["rows"]:
             pv = r["protected_victim"]
             rows.append({
-                "method": method, "defence": r["defence"],
+                "method": method, "defence": r["defence"], "epsilon": None if is_clean else epsilons[method],
                 "psnr": None if is_clean else rep["psnr"],
                 "psnr_roi": None if is_clean else rep["psnr_roi"],
                 "ssim": None if is_clean else rep["ssim"],
@@ -243,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         f"{first_rep['epochs']} epochs, seed {args.seed}, image size {first_rep['image_size'] or 'native'}, "
         f"patch {cfg['patch_size']}, batch {cfg['batch_size']} x {cfg['num_samples']}, lr {cfg['lr']}, "
         f"intensity {cfg['intensity']}, device {cfg['device']}, {cfg['threads']} thread(s); "
-        f"epsilon {args.epsilon:.5g} ({args.epsilon * 255:.3g}/255)"
+        f"epsilon {args.epsilon:.5g} ({args.epsilon * 255:.3g}/255) unless a row gives its own"
         f"{'; clean training images by dtype ' + str(dtypes) if dtypes else ''}. "
         f"Dice: mean over test cases and foreground classes. PSNR/SSIM/max abs delta: protected vs clean "
         f"training files as written, native units; R = dtype range for integer images, the clean image's "

@@ -32,25 +32,34 @@ def _efficacy():
 def test_labelled_rows_and_table(tmp_path, capsys):
     data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=32, ext=".png")
     out = tmp_path / "out"
-    args = [str(data), "--methods", "clean,noise,noise-roi=noise", "--param", "noise-roi.region=roi", "--epochs", "1",
+    args = [str(data), "--methods", "clean,noise,noise-roi=noise,noise-2=noise", "--param", "noise-roi.region=roi",
+            "--param", "noise-2.epsilon=2/255", "--epochs", "1",
             "--image-size", "32", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--quiet"]
     assert _efficacy().main(args) == 0
     text = capsys.readouterr().out
     assert "| noise-roi |" in text and "| noise |" in text and "| clean |" in text
     rec = json.loads((out / "efficacy.json").read_text())
-    assert rec["row_methods"] == {"clean": "clean", "noise": "noise", "noise-roi": "noise"}
+    assert rec["row_methods"] == {"clean": "clean", "noise": "noise", "noise-roi": "noise", "noise-2": "noise"}
     assert rec["params"]["noise-roi"] == {"region": "roi"} and rec["params"]["noise"] == {}
     settings = json.loads((out / "protected_noise-roi.json").read_text())["settings"]
     assert settings["method"] == "noise" and settings["params"] == {"region": "roi"}
+    # a row's own budget reaches protect_dataset (not the protector's parameters) and the table
+    settings = json.loads((out / "protected_noise-2.json").read_text())["settings"]
+    assert settings["params"] == {} and settings["epsilon"] == pytest.approx(2 / 255)
+    assert "| noise-2 | none | 2 |" in text and "| noise | none | 8 |" in text
     rows = {r["method"]: r for r in rec["rows"]}
     # the ROI-only row leaves the background untouched, so it is closer to the clean images than whole-image noise
     assert rows["noise-roi"]["psnr"] > rows["noise"]["psnr"]
-    assert rows["clean"]["psnr"] is None
+    assert rows["noise-2"]["psnr"] > rows["noise"]["psnr"] + 6
+    assert rows["noise-2"]["max_abs_delta"] <= 2
+    assert rows["clean"]["psnr"] is None and rows["clean"]["epsilon"] is None
 
 
-@pytest.mark.parametrize("methods", ["clean,nonexistent", "a=noise,a=noise", "x=nonexistent"])
-def test_bad_methods(tmp_path, methods, capsys):
+@pytest.mark.parametrize("methods, extra", [("clean,nonexistent", []), ("a=noise,a=noise", []),
+                                           ("x=nonexistent", []), ("noise", ["--param", "noise.epsilon=abc"]),
+                                           ("noise", ["--param", "noise.epsilon=3"])])
+def test_bad_methods(tmp_path, methods, extra, capsys):
     data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
-    assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o")]) == 2
+    assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o"), *extra]) == 2
     assert "efficacy: error:" in capsys.readouterr().err
