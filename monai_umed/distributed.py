@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -304,8 +305,8 @@ def _report(folder: str | os.PathLike | None, phase: str, exc: BaseException) ->
     try:
         tmp.write_text(json.dumps({"rank": rank(), "phase": phase, "error": _describe(exc)}))
         os.replace(tmp, path)
-    except OSError:
-        pass  # the status exchange still carries the error
+    except OSError as e:  # best effort: the status exchange still carries the error to the other ranks
+        warnings.warn(f"rank {rank()}: could not write the abort report {path}: {e}", stacklevel=2)
 
 
 def wait_for(
