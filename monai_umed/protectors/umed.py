@@ -79,6 +79,8 @@ from tqdm.auto import tqdm
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
+from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner
+from monai_umed.protectors.release import ReleasePath
 from monai_umed.protectors.surrogate import Surrogate, augment_pair
 
 __all__ = ["UMedProtector"]
@@ -156,6 +158,19 @@ class UMedProtector(Protector):
         sw_roi_size: sliding-window size at generator resolution for protection (``None``: twice the training patch).
         sw_overlap: sliding-window overlap.
         infer_batch_size: cases (or windows) per generator forward when protecting.
+        refine_rounds: rounds of the per-case error-minimising refinement through the release path
+            (:mod:`~monai_umed.protectors.refine`) inside the budget map, after the generators are fitted (``None``:
+            20; 0 disables it and protects with the generators alone).
+        refine_pgd: refinement PGD steps per case and round.
+        refine_surrogate_epochs: refinement surrogate passes over the training set per round.
+        refine_stop: stop refining when the refinement surrogate's training Dice over a round reaches this.
+        refine_size: longest side of the refinement work grid (``auto``: 128 in 2D, native in 3D).
+        refine_steps: refinement PGD steps for a case not seen in fit, on top of the generators' output.
+        victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
+            ``(128, 256)`` in 2D, the native grid in 3D; ``none``: native).
+        release_normalise: the trainer's intensity normalisation in the release path (``auto``: ``minmax`` in 2D,
+            ``zscore`` in 3D; or ``random``, ``none``).
+        release_jitter: mild intensity jitter in the release path (gain ``1 +- j``, offset ``+- j / 2``).
         spatial_dims: 2 or 3 (inferred from the data when None).
         seed: run seed (initialisation, patch sampling, augmentation).
         device: ``auto`` | ``cpu`` | ``cuda``.
@@ -199,6 +214,15 @@ class UMedProtector(Protector):
         sw_roi_size: int | Sequence[int] | str | None = None,
         sw_overlap: float = 0.25,
         infer_batch_size: int = 8,
+        refine_rounds: int | None = None,
+        refine_pgd: int = 3,
+        refine_surrogate_epochs: int = 1,
+        refine_stop: float = 0.95,
+        refine_size: int | str | None = "auto",
+        refine_steps: int = 0,
+        victim_grids: Any = "auto",
+        release_normalise: str = "auto",
+        release_jitter: float = 0.0,
         spatial_dims: int | None = None,
         seed: int = 0,
         device: str | torch.device | None = "auto",
@@ -254,6 +278,23 @@ class UMedProtector(Protector):
         self.sw_roi_size = _as_int_tuple(sw_roi_size, "sw_roi_size")
         self.sw_overlap = float(sw_overlap)
         self.infer_batch_size = max(1, int(infer_batch_size))
+        self.refine_rounds = None if refine_rounds in (None, "", "auto") else int(refine_rounds)
+        self.refine_pgd = int(refine_pgd)
+        self.refine_surrogate_epochs = int(refine_surrogate_epochs)
+        self.refine_stop = float(refine_stop)
+        self.refine_size: Any = "auto" if refine_size == "auto" else (
+            None if refine_size in (None, "", "none") else int(refine_size))
+        self.refine_steps = int(refine_steps)
+        if isinstance(victim_grids, str) and victim_grids.lower() == "auto":
+            self.victim_grids: Any = "auto"
+        else:
+            self.victim_grids = _as_int_tuple(None if victim_grids in (None, False, "", "none") else victim_grids,
+                                              "victim_grids") or ()
+        self.release_normalise = str(release_normalise)
+        self.release_jitter = float(release_jitter)
+        self._refine_settings(2)  # validates the refinement parameters
+        self._release_path(2)
+        self.refiner: ReleaseRefiner | None = None
         self.in_channels: int | None = None
         self.num_classes: int | None = None
         self.gen_c: PerturbationGenerator | None = None
@@ -283,6 +324,24 @@ class UMedProtector(Protector):
         if self.resize_aug == "auto":
             return (0.3, 0.6) if self._sd() == 2 else None
         return self.resize_aug
+
+    def _refine_settings(self, sd: int) -> RefineSettings:
+        size = (128 if sd == 2 else None) if self.refine_size == "auto" else self.refine_size
+        rounds = 20 if self.refine_rounds is None else self.refine_rounds
+        return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
+                              stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
+                              unseen_steps=self.refine_steps)
+
+    def _release_path(self, sd: int) -> ReleasePath:
+        grids = ((128, 256) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
+        norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
+        return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter)
+
+    def _new_refiner(self, sd: int, channels: int, num_classes: int) -> ReleaseRefiner:
+        sur = Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
+                        device=self.device, seed=case_seed(self.seed, "umed-refine") % (2**31))
+        return ReleaseRefiner(sur, self._release_path(sd), self._refine_settings(sd),
+                              levels=self._levels_resolved or None, seed=self.seed)
 
     def _patch(self, max_shape: Sequence[int]) -> tuple[int, ...]:
         sd = self._sd()
@@ -708,8 +767,32 @@ class UMedProtector(Protector):
                 _atomic_save(self._checkpoint_state(sur, opt, epoch), checkpoint)
             done = rec["dice"] > self.stop_dice
         bar.close()
+        self._refine(samples, cache, channels, num_classes, checkpoint, progress)
         self.fitted = True
         return self
+
+    def _refine(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]], channels: int,
+                num_classes: int, checkpoint: str | os.PathLike | None, progress: bool) -> None:
+        """The per-case refinement through the release path inside each case's budget map (``refine_rounds``)."""
+        sd = self._sd()
+        self.refiner = None
+        if self._refine_settings(sd).rounds <= 0:
+            return
+        images, labels, limits, ids = [], [], [], []
+        for i, (s, info) in enumerate(zip(samples, cache)):
+            img = torch.as_tensor(s["image"]).detach().float().cpu()
+            lab = torch.as_tensor(s["label"]).detach().long().cpu()
+            m_c, m_roi = self._regions(img, lab, info["spacing"])
+            limits.append(self._maps(img, lab, m_c, m_roi, info["stats"], info["scale"])[2])
+            images.append(img)
+            labels.append(lab)
+            ids.append(str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}"))
+        if len(set(ids)) != len(ids):
+            raise ValueError("UMed refinement needs unique case ids")
+        self.refiner = self._new_refiner(sd, channels, num_classes)
+        log = (lambda line: tqdm.write(f"umed refine: {line}")) if progress else None
+        ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
+        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log)
 
     # -- protection ------------------------------------------------------------------------------------------------
     def perturbation(
@@ -767,10 +850,33 @@ class UMedProtector(Protector):
                     else:
                         raw_c, raw_t = self._raw(inp, shape[1:], sliding=sliding)
                     deltas = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
+                if self.refiner is not None:
+                    for k, i in enumerate(chunk):
+                        deltas[k] = self._refined(x[k], limit[k], deltas[k], labels[i], case_ids[i])
                 for k, i in enumerate(chunk):
                     dev = images[i].device if torch.is_tensor(images[i]) else torch.device("cpu")
                     out[i] = deltas[k].float().to(dev)
         return [o for o in out if o is not None]
+
+    def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
+                 case_id: str | None) -> torch.Tensor:
+        """A case's refined perturbation: the stored one for a training case; for an unseen case the generators'
+        output, refined for ``refine_steps`` steps against the refinement surrogate when asked to."""
+        assert self.refiner is not None
+        cid = None if case_id is None else str(case_id)
+        if cid is not None and cid in self.refiner.deltas:
+            d = self.refiner.deltas[cid].float().to(x.device)
+        elif self.refine_steps > 0:
+            from monai_umed.protectors.refine import work_grid
+
+            shape = work_grid(x.shape[1:], self.refiner.settings.work_size)
+            init = F.interpolate(generated[None].float(), size=shape, mode="area")[0]
+            with torch.enable_grad():
+                d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", init=init).to(x.device)
+        else:
+            return generated
+        delta = ReleaseRefiner.native_delta(d[None], limit[None])[0]
+        return (x + delta).clamp(0.0, 1.0) - x
 
     def budget(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
         """The voxel-wise L-inf budget of a case: ``eps_c`` on the band, ``eps_t * B`` elsewhere in the ROI, 0
@@ -809,6 +915,15 @@ class UMedProtector(Protector):
             "sw_roi_size": None if self.sw_roi_size is None else list(self.sw_roi_size),
             "sw_overlap": self.sw_overlap,
             "infer_batch_size": self.infer_batch_size,
+            "refine_rounds": self.refine_rounds,
+            "refine_pgd": self.refine_pgd,
+            "refine_surrogate_epochs": self.refine_surrogate_epochs,
+            "refine_stop": self.refine_stop,
+            "refine_size": self.refine_size,
+            "refine_steps": self.refine_steps,
+            "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
+            "release_normalise": self.release_normalise,
+            "release_jitter": self.release_jitter,
             "spatial_dims": self.spatial_dims,
         }
 
@@ -823,6 +938,7 @@ class UMedProtector(Protector):
                 "gen_c": {k: v.detach().cpu() for k, v in self.gen_c.state_dict().items()},
                 "gen_t": {k: v.detach().cpu() for k, v in self.gen_t.state_dict().items()},
                 "history": list(self.history),
+                "refine": None if self.refiner is None else self.refiner.state_dict(),
             })
         return state
 
@@ -845,15 +961,22 @@ class UMedProtector(Protector):
         for key in ("channels", "patch_size", "sw_roi_size"):
             if key in p:
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
-        for key in ("seed", "epochs", "infer_batch_size"):
+        for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
+                    "refine_stop", "refine_size", "release_normalise", "release_jitter"):
             if key in p:
                 setattr(self, key, p[key])
+        if "victim_grids" in p:
+            self.victim_grids = p["victim_grids"] if p["victim_grids"] == "auto" else tuple(p["victim_grids"])
         self._levels_resolved = int(state.get("levels", 0))
         self._build(int(state["in_channels"]), int(state["num_classes"]))
         assert self.gen_c is not None and self.gen_t is not None
         self.gen_c.load_state_dict(state["gen_c"])
         self.gen_t.load_state_dict(state["gen_t"])
         self.history = list(state.get("history", []))
+        self.refiner = None
+        if state.get("refine") is not None:
+            self.refiner = self._new_refiner(self._sd(), int(state["in_channels"]), int(state["num_classes"]))
+            self.refiner.load_state_dict(state["refine"])
         self.fitted = True
         return self
 

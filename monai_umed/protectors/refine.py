@@ -1,0 +1,300 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Sample-wise error-minimising refinement through the release path, inside a per-voxel budget map.
+
+For every training case a perturbation ``d`` lives on a coarse *work grid* (default: longest side 128, the grid a
+Kvasir-SEG trainer typically uses). What reaches the file is
+
+    ``delta = clamp(upsample(d), -limit, limit)``, written as ``quantise(x + delta)``
+
+with ``limit`` the case's budget map at native resolution (0 outside the footprint, whole grey levels for 8-bit
+data, so the rounded perturbation never leaves it). Min-min (Huang et al., ICLR 2021), run *through*
+:class:`~monai_umed.protectors.release.ReleasePath`: each round trains the surrogate for ``surrogate_epochs`` passes
+on the victim's view of the written images, then runs ``pgd_steps`` sign-descent steps of ``step_fraction * limit``
+on every case against the frozen surrogate, each step through a fresh random view (expectation over grids, flips,
+rotations, renormalisation, rounding). Rounds continue until the surrogate fits the perturbed training set (its
+training Dice over the round reaches ``stop_dice``) or ``rounds`` is reached; the per-round Dice and losses are
+kept in :attr:`ReleaseRefiner.history`.
+
+Working on a coarse grid is what makes the perturbation survive the trainer's anti-aliased resize: it has no
+structure finer than the victim's pixels. Everything random comes from generators seeded by ``(seed, round)``, so
+an interrupted fit resumed from its checkpoint gives the same perturbations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from monai_umed.protectors.base import case_seed
+from monai_umed.protectors.release import ReleasePath, quantise_st
+from monai_umed.protectors.surrogate import Surrogate, pad_to_multiple
+
+__all__ = ["RefineSettings", "ReleaseRefiner", "work_grid"]
+
+
+def work_grid(shape: Sequence[int], size: int | None) -> tuple[int, ...]:
+    """The work-grid shape of an image of spatial ``shape``: longest side ``size`` (None or larger: native)."""
+    shape = tuple(int(s) for s in shape)
+    if size is None or max(shape) <= size:
+        return shape
+    f = size / max(shape)
+    return tuple(max(1, int(round(s * f))) for s in shape)
+
+
+def upsample(d: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(Bi/tri)linear upsampling of a batch of work-grid perturbations to the file's grid (keeps min/max)."""
+    if tuple(d.shape[2:]) == tuple(shape):
+        return d
+    mode = "bilinear" if d.ndim == 4 else "trilinear"
+    return F.interpolate(d, size=tuple(shape), mode=mode, align_corners=False)
+
+
+@dataclass
+class RefineSettings:
+    """Schedule of the refinement (see the module docstring).
+
+    Attributes:
+        rounds: upper bound on min-min rounds.
+        pgd_steps: sign-descent steps per case and round.
+        surrogate_epochs: surrogate passes over the training set per round.
+        stop_dice: stop once the surrogate's training Dice over a round reaches this.
+        step_fraction: PGD step as a fraction of the case's budget map.
+        batch_size: cases per batch.
+        work_size: longest side of the work grid.
+        unseen_steps: PGD steps for a case not seen in fit (against the frozen surrogate).
+    """
+
+    rounds: int = 20
+    pgd_steps: int = 3
+    surrogate_epochs: int = 1
+    stop_dice: float = 0.95
+    step_fraction: float = 0.5
+    batch_size: int = 16
+    work_size: int | None = 128
+    unseen_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0 or self.pgd_steps < 0 or self.surrogate_epochs < 1 or self.batch_size < 1:
+            raise ValueError("refine: rounds and pgd_steps must be >= 0, surrogate_epochs and batch_size >= 1")
+        if not 0.0 < self.step_fraction <= 2.0:
+            raise ValueError(f"refine: step_fraction must lie in (0, 2], got {self.step_fraction}")
+
+
+class ReleaseRefiner:
+    """Min-min of per-case work-grid perturbations through the release path.
+
+    Args:
+        surrogate: the segmentation surrogate (trained here).
+        path: the release path stand-in.
+        settings: the schedule.
+        levels: steps of the written dtype (255 for 8-bit data; None: float files, no rounding).
+        seed: the run seed.
+    """
+
+    def __init__(self, surrogate: Surrogate, path: ReleasePath, settings: RefineSettings, levels: int | None = 255,
+                 seed: int = 0) -> None:
+        self.surrogate = surrogate
+        self.path = path
+        self.settings = settings
+        self.levels = levels
+        self.seed = int(seed)
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+
+    # -- the written image --------------------------------------------------------------------------------------------
+    @staticmethod
+    def native_delta(d: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """``clamp(upsample(d), -limit, limit)`` for a batch (``limit`` B x C x native spatial)."""
+        up = upsample(d, limit.shape[2:])
+        return torch.maximum(torch.minimum(up, limit), -limit)
+
+    def written(self, x: torch.Tensor, d: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """The image as written to the file (rounded straight-through), differentiable with respect to ``d``."""
+        return quantise_st(x + self.native_delta(d, limit), self.levels)
+
+    def _view(self, x, y, d, limit, g):
+        xv, yv = self.path.view(self.written(x, d, limit), y, g)
+        k = self.surrogate.multiple
+        target = [-(-n // k) * k for n in xv.shape[2:]]
+        return pad_to_multiple(xv, k, target), pad_to_multiple(yv, k, target)
+
+    # -- fitting ------------------------------------------------------------------------------------------------------
+    def _batches(self, shapes: Sequence[tuple[int, ...]], g: torch.Generator) -> list[list[int]]:
+        """Shuffled batches of cases of one native shape (stacking needs equal shapes)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in torch.randperm(len(shapes), generator=g).tolist():
+            groups.setdefault(tuple(shapes[i]), []).append(i)
+        bs = self.settings.batch_size
+        out = [idx[i:i + bs] for idx in groups.values() for i in range(0, len(idx), bs)]
+        perm = torch.randperm(len(out), generator=g).tolist()
+        return [out[i] for i in perm]
+
+    def _stack(self, items: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.Tensor:
+        return torch.stack([items[i] for i in idx]).to(self.surrogate.device)
+
+    def fit(
+        self,
+        images: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+        limits: Sequence[torch.Tensor],
+        case_ids: Sequence[str],
+        checkpoint: str | os.PathLike | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Refine one work-grid perturbation per case.
+
+        Args:
+            images: C x spatial float images in ``[0, 1]`` (native grid).
+            labels: 1 x spatial integer labels.
+            limits: C x spatial budget maps (normalised units; 0 where the image must not change).
+            case_ids: unique case identifiers.
+            checkpoint: file for the state after every round; an existing one is resumed.
+            log: called with one line per round (training Dice and losses).
+
+        Returns:
+            ``case_id -> work-grid perturbation`` (float16, C x work spatial).
+        """
+        st = self.settings
+        shapes = [tuple(x.shape[1:]) for x in images]
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        start = 0
+        if ckpt is not None and ckpt.is_file():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            if list(state["case_ids"]) != list(case_ids):
+                raise ValueError(f"{ckpt}: refinement checkpoint written for other cases")
+            self.surrogate.load_state_dict(state["surrogate"])
+            self.deltas = dict(state["deltas"])
+            self.history = list(state["history"])
+            start = int(state["round"])
+        for cid, x in zip(case_ids, images):
+            self.deltas.setdefault(cid, torch.zeros((x.shape[0],) + work_grid(x.shape[1:], st.work_size),
+                                                   dtype=torch.float16))
+        if self.history and self.history[-1]["dice"] >= st.stop_dice:
+            return self.deltas
+        y_all = [torch.as_tensor(y).long() for y in labels]
+        for r in range(start, st.rounds):
+            g = torch.Generator().manual_seed(case_seed(self.seed, f"refine-round-{r}"))
+            dice_sum, loss_sum, n = 0.0, 0.0, 0
+            for _ in range(st.surrogate_epochs):
+                for idx in self._batches(shapes, g):
+                    x, y, lim = self._stack(images, idx), self._stack(y_all, idx), self._stack(limits, idx)
+                    d = torch.stack([self.deltas[case_ids[i]] for i in idx]).float().to(x.device)
+                    with torch.no_grad():
+                        xv, yv = self._view(x, y, d, lim, g)
+                    loss, dice = self._train_step(xv, yv)
+                    loss_sum, dice_sum, n = loss_sum + loss * len(idx), dice_sum + dice * len(idx), n + len(idx)
+            rec = {"round": r, "dice": dice_sum / max(n, 1), "loss": loss_sum / max(n, 1)}
+            if rec["dice"] < st.stop_dice and st.pgd_steps > 0:
+                pgd_sum, m = 0.0, 0
+                self.surrogate.model.eval()
+                self.surrogate.model.requires_grad_(False)
+                try:
+                    for idx in self._batches(shapes, g):
+                        x, y, lim = self._stack(images, idx), self._stack(y_all, idx), self._stack(limits, idx)
+                        d = torch.stack([self.deltas[case_ids[i]] for i in idx]).float().to(x.device)
+                        d, pl = self._descend(x, y, d, lim, g, st.pgd_steps)
+                        for j, i in enumerate(idx):
+                            self.deltas[case_ids[i]] = d[j].detach().cpu().to(torch.float16)
+                        pgd_sum, m = pgd_sum + pl * len(idx), m + len(idx)
+                finally:
+                    self.surrogate.model.requires_grad_(True)
+                rec["pgd_loss"] = pgd_sum / max(m, 1)
+            self.history.append(rec)
+            if log is not None:
+                log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            if ckpt is not None:
+                self._save(ckpt, r + 1, case_ids)
+            if rec["dice"] >= st.stop_dice:
+                break
+        return self.deltas
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        sur = self.surrogate
+        sur.model.train()
+        sur.optimizer.zero_grad(set_to_none=True)
+        logits = sur.logits(x)
+        loss = sur.loss_fn(logits, y)
+        loss.backward()
+        sur.optimizer.step()
+        pred = logits.detach().argmax(1, keepdim=True)
+        fg_p, fg_t = pred > 0, y > 0
+        dice = float(2 * (fg_p & fg_t & (pred == y)).sum() / (fg_p.sum() + fg_t.sum()).clamp_min(1))
+        return float(loss.detach()), dice
+
+    def _descend(self, x, y, d, lim, g, steps) -> tuple[torch.Tensor, float]:
+        """``steps`` sign-descent steps of the surrogate's loss, each through a fresh random view."""
+        alpha = upsample_limit(lim, d.shape[2:]) * self.settings.step_fraction
+        bound = upsample_limit(lim, d.shape[2:])
+        total = 0.0
+        for _ in range(steps):
+            d = d.detach().requires_grad_(True)
+            xv, yv = self._view(x, y, d, lim, g)
+            loss = self.surrogate.loss(xv, yv)
+            (grad,) = torch.autograd.grad(loss, d)
+            with torch.no_grad():
+                d = torch.maximum(torch.minimum(d - alpha * grad.sign(), bound), -bound)
+            total += float(loss.detach())
+        return d.detach(), total / max(steps, 1)
+
+    def refine_case(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor, case_id: str,
+                    init: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
+        """Optimise one (unseen) case against the frozen surrogate; returns its work-grid perturbation."""
+        st = self.settings
+        n = st.unseen_steps if steps is None else int(steps)
+        dev = self.surrogate.device
+        x, y, lim = image[None].float().to(dev), torch.as_tensor(label)[None].long().to(dev), limit[None].float().to(dev)
+        shape = work_grid(image.shape[1:], st.work_size)
+        d = torch.zeros((1, image.shape[0]) + shape, device=dev) if init is None else init[None].float().to(dev)
+        if n <= 0:
+            return d[0].cpu()
+        g = torch.Generator().manual_seed(case_seed(self.seed, case_id, "refine-unseen"))
+        self.surrogate.model.eval()
+        self.surrogate.model.requires_grad_(False)
+        try:
+            d, _ = self._descend(x, y, d, lim, g, n)
+        finally:
+            self.surrogate.model.requires_grad_(True)
+        return d[0].cpu()
+
+    # -- state ----------------------------------------------------------------------------------------------------------
+    def _save(self, path: Path, next_round: int, case_ids: Sequence[str]) -> None:
+        from monai_umed.data.formats import atomic_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"round": next_round, "case_ids": list(case_ids), "deltas": dict(self.deltas),
+                 "surrogate": self.surrogate.state_dict(), "history": list(self.history)}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"deltas": dict(self.deltas), "history": list(self.history), "surrogate": self.surrogate.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> "ReleaseRefiner":
+        self.deltas = {str(k): v for k, v in state["deltas"].items()}
+        self.history = list(state.get("history", []))
+        self.surrogate.load_state_dict(state["surrogate"])
+        return self
+
+
+def upsample_limit(limit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A budget map on the work grid: the max over each work cell's native footprint (so no cell that touches the
+    footprint is held at 0; the native clamp keeps the written perturbation inside the real map)."""
+    if tuple(limit.shape[2:]) == tuple(shape):
+        return limit
+    pool = F.adaptive_max_pool2d if limit.ndim == 4 else F.adaptive_max_pool3d
+    return pool(limit, tuple(shape))

@@ -1,0 +1,219 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""The release path: a differentiable stand-in of what happens to a perturbation between ``protect`` and a victim.
+
+A released perturbation is (1) added to the image and rounded to the file's dtype, (2) read back by an unauthorised
+trainer who (3) resizes it with anti-aliasing to a grid of their choice (Kvasir-SEG 352 px -> 128 or 256 px),
+(4) renormalises the intensities per image, and (5) augments it (flips, 90-degree rotations, mild intensity jitter).
+Error-minimising noise is only as strong as what survives this path (METHODS.md 4.7), so the sample-wise refinement
+(:mod:`monai_umed.protectors.refine`) optimises *through* it:
+
+- :func:`quantise_st`: rounding to ``levels`` steps with a straight-through gradient;
+- :class:`ReleasePath`: the random victim view of a batch of written images (expectation over grids, normalisation,
+  flips, rotations and jitter), differentiable with respect to the images;
+- :func:`psnr_amplitude`: the per-case amplitude that keeps the whole-image PSNR of a perturbation confined to a
+  footprint at a target, in whole grey levels.
+
+All functions take channel-first batches (``B x C x spatial``), 2D or 3D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.convutils import gaussian_1d
+
+__all__ = ["quantise_st", "gaussian_blur", "antialias_resize", "ReleasePath", "psnr_amplitude", "psnr"]
+
+
+def quantise_st(x: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """Round ``x`` in ``[0, 1]`` to multiples of ``1 / levels`` (the written file), straight-through gradient.
+
+    ``levels=None`` keeps the float values (a float file is written without rounding).
+    """
+    x = x.clamp(0, 1)
+    if not levels:
+        return x
+    return x + ((x * levels).round() / levels - x).detach()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian smoothing of a batch (B x C x spatial), differentiable.
+
+    The kernel is MONAI's ``gaussian_1d`` (``erf``, truncated at 4 sigma) with replicate padding, as in
+    ``GaussianSmooth`` and ``Resize(anti_aliasing=True)``; an axis with ``sigma <= 0`` is left alone.
+    """
+    sd = x.ndim - 2
+    conv = F.conv2d if sd == 2 else F.conv3d
+    c = x.shape[1]
+    for d in range(sd):
+        s = float(sigma[d])
+        if s <= 0:
+            continue
+        k = gaussian_1d(torch.tensor(s), truncated=4.0, approx="erf", normalize=False).to(x)
+        r = (k.numel() - 1) // 2
+        shape = [1] * (sd + 2)
+        shape[2 + d] = k.numel()
+        pad = [0, 0] * sd
+        pad[2 * (sd - 1 - d)] = pad[2 * (sd - 1 - d) + 1] = r
+        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(shape).expand(c, *shape[1:]).contiguous(), groups=c)
+    return x
+
+
+def antialias_resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """MONAI ``Resize(anti_aliasing=True)`` stand-in: Gaussian ``sigma = (in / out - 1) / 2`` on every shrunk axis,
+    then (bi/tri)linear interpolation; differentiable."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape[2:]) == shape:
+        return x
+    sigma = [max(0.0, (i / o - 1.0) / 2.0) for i, o in zip(x.shape[2:], shape)]
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    return F.interpolate(gaussian_blur(x, sigma), size=shape, mode=mode, align_corners=False)
+
+
+def _grid_shape(shape: Sequence[int], size: int) -> tuple[int, ...]:
+    """``shape`` scaled so that its longest side is ``size`` (a victim's ``image_size`` for square data)."""
+    f = size / max(shape)
+    return tuple(max(1, int(round(s * f))) for s in shape)
+
+
+def psnr(delta: torch.Tensor) -> torch.Tensor:
+    """Per-case whole-image PSNR (dB) of a batch of normalised perturbations (peak 1)."""
+    mse = delta.double().pow(2).flatten(1).mean(1)
+    return torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-30)), torch.full_like(mse, float("inf")))
+
+
+def psnr_amplitude(
+    footprint: torch.Tensor, target_psnr: float, cap: float, levels: int | None = 255, floor: float | None = None
+) -> torch.Tensor:
+    """Per-case L-inf amplitude of a perturbation confined to ``footprint`` that keeps the PSNR at ``target_psnr``.
+
+    A perturbation of amplitude ``a`` on a fraction ``f`` of the voxels has ``MSE <= a^2 f``; the amplitude is the
+    largest one with ``10 log10(1 / (a^2 f)) >= target_psnr``, at most ``cap``, floored to whole steps of
+    ``1 / levels`` (so the rounded, written perturbation stays inside it), and at least ``floor`` (default one step).
+
+    Args:
+        footprint: B x C x spatial masks (bool or {0, 1}).
+        target_psnr: PSNR in dB (peak 1).
+        cap: largest amplitude (normalised units).
+        levels: steps of the written dtype (None: no flooring).
+        floor: smallest amplitude (default ``1 / levels``, or 0 for float data).
+
+    Returns:
+        B amplitudes in normalised units.
+    """
+    frac = footprint.float().flatten(1).mean(1).clamp_min(1e-12)
+    a = torch.sqrt(10.0 ** (-target_psnr / 10.0) / frac).clamp(max=cap)
+    if levels:
+        a = torch.floor(a * levels + 1e-6) / levels
+        lo = 1.0 / levels if floor is None else floor
+    else:
+        lo = 0.0 if floor is None else floor
+    return a.clamp(min=min(lo, cap))
+
+
+@dataclass
+class ReleasePath:
+    """The random victim view of written images: resize, renormalise, augment (differentiable).
+
+    Args:
+        grids: victim grid sizes (longest side) drawn uniformly per call; empty: the images' own grid.
+        normalise: ``minmax`` (per image, MONAI ``ScaleIntensity``), ``zscore`` (per channel), ``random`` (either,
+            or none) or ``none``.
+        flips: random flips along every spatial axis.
+        rot90: random 90-degree rotations in the first two spatial axes (when square).
+        jitter: mild intensity jitter: a gain in ``[1 - jitter, 1 + jitter]`` and an offset in
+            ``[-jitter / 2, jitter / 2]`` after normalisation, per image.
+    """
+
+    grids: Sequence[int] = field(default_factory=tuple)
+    normalise: str = "minmax"
+    flips: bool = True
+    rot90: bool = True
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.normalise not in ("minmax", "zscore", "random", "none"):
+            raise ValueError(f"normalise must be minmax, zscore, random or none, got {self.normalise!r}")
+        self.grids = tuple(int(g) for g in (self.grids or ()))
+        if any(g < 8 for g in self.grids):
+            raise ValueError(f"victim grids must be at least 8 voxels, got {self.grids}")
+        if not 0.0 <= float(self.jitter) < 1.0:
+            raise ValueError(f"jitter must lie in [0, 1), got {self.jitter}")
+
+    def grid(self, shape: Sequence[int], generator: torch.Generator) -> tuple[int, ...]:
+        """A random victim grid for images of spatial ``shape`` (the native grid when :attr:`grids` is empty)."""
+        if not self.grids:
+            return tuple(int(s) for s in shape)
+        g = self.grids[int(torch.randint(len(self.grids), (1,), generator=generator))]
+        return _grid_shape(shape, g)
+
+    def labels(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Nearest-neighbour labels on a victim grid (as MONAI ``Resized(mode="nearest")``)."""
+        if tuple(y.shape[2:]) == tuple(shape):
+            return y
+        return F.interpolate(y.float(), size=tuple(shape), mode="nearest").to(y.dtype)
+
+    def _normalise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        how = self.normalise
+        if how == "random":
+            how = ("minmax", "zscore", "none")[int(torch.randint(3, (1,), generator=generator))]
+        if how == "minmax":
+            dims = tuple(range(1, x.ndim))
+            mn, mx = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+            return (x - mn) / (mx - mn).clamp_min(1e-6)
+        if how == "zscore":
+            dims = tuple(range(2, x.ndim))
+            return (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+        return x
+
+    def view(
+        self,
+        written: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        shape: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The victim's view of a batch of written images and their labels.
+
+        Args:
+            written: B x C x spatial images as written (after :func:`quantise_st`).
+            y: B x 1 x spatial labels on the same grid.
+            generator: CPU generator, the only source of randomness.
+            shape: the victim grid (default: :meth:`grid`).
+
+        Returns:
+            ``(x, y)`` on the victim grid, normalised and augmented identically.
+        """
+        shape = tuple(shape) if shape is not None else self.grid(written.shape[2:], generator)
+        x = self._normalise(antialias_resize(written, shape), generator)
+        y = self.labels(y, shape)
+        sd = x.ndim - 2
+        r = torch.rand(sd + 3, generator=generator)
+        if self.flips:
+            for d in range(sd):
+                if r[d] < 0.5:
+                    x, y = x.flip(2 + d), y.flip(2 + d)
+        if self.rot90 and x.shape[2] == x.shape[3] and r[sd] < 0.5:
+            k = 1 + int(r[sd + 1] * 3) % 3
+            x, y = x.rot90(k, (2, 3)), y.rot90(k, (2, 3))
+        if self.jitter > 0:
+            b = x.shape[0]
+            u = torch.rand(2, b, generator=generator).to(x.device)
+            gain = (1 + self.jitter * (2 * u[0] - 1)).view(b, *([1] * (x.ndim - 1)))
+            offset = (self.jitter * (u[1] - 0.5)).view(b, *([1] * (x.ndim - 1)))
+            x = x * gain + offset
+        return x, y
+
