@@ -28,6 +28,12 @@ A ``--methods`` entry ``LABEL=METHOD`` adds a row named LABEL that runs METHOD w
 L-inf budget (the table's ``epsilon x255`` column), e.g. to compare methods each at the budget that keeps them at
 or above a PSNR.
 
+``--protocol release,paper`` judges every row under each protocol (:mod:`monai_umed.evaluation.protocols`):
+``release`` (default) trains the victim on the written files through its own pipeline; ``paper`` adds the key's
+protector's float perturbation to the clean images and trains without rounding or random augmentation (the
+published protocol). Every row states its protocol and the victims' final training losses (an unlearnable copy
+shows the protected victim's loss below the clean one's while its test Dice stays low).
+
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
 training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
 complete. Rerunning with the same ``--out`` reuses protected copies made with the same settings and cached victims.
@@ -49,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monai_umed.errors import InputError  # noqa: E402
 from monai_umed.evaluation import DEFAULT_EPOCHS, evaluate  # noqa: E402
 from monai_umed.evaluation.metrics import read_native  # noqa: E402
+from monai_umed.evaluation.protocols import PROTOCOLS  # noqa: E402
 from monai_umed.evaluation.report import fmt, markdown_table, write_json, write_markdown  # noqa: E402
 from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
 from monai_umed.intensity import parse_epsilon  # noqa: E402
@@ -129,18 +136,48 @@ def protect(dataset: Path, out: Path, label: str, method: str, args: argparse.Na
     return summary
 
 
+def _rows(method: str, protocol: str, is_clean: bool, epsilon: float, rep: dict[str, Any], psum: dict[str, Any],
+          t0: float) -> list[dict[str, Any]]:
+    """The table rows (one per defence) of one method judged under one protocol."""
+    imp = rep["imperceptibility"]
+    paper = protocol == "paper" and not is_clean
+    out = []
+    for r in rep["rows"]:
+        pv, cv = r["protected_victim"], r["clean_victim"]
+        out.append({
+            "method": method, "protocol": protocol, "defence": r["defence"], "epsilon": None if is_clean else epsilon,
+            # the paper protocol's images are the float ones: their PSNR, not the written files'
+            "psnr": None if is_clean else (imp.get("paper_psnr") if paper else rep["psnr"]),
+            "psnr_roi": None if is_clean or paper else rep["psnr_roi"],
+            "ssim": None if is_clean or paper else rep["ssim"],
+            "max_abs_delta": None if is_clean else rep["max_abs_delta"],
+            "max_abs_delta_rel": None if is_clean else rep["max_abs_delta_rel"],
+            "clean_dtypes": imp["dtypes"],
+            "dice_clean": r["dice_clean"], "dice_protected": r["dice_protected"],
+            "dice_per_class_clean": r["dice_per_class_clean"],
+            "dice_per_class_protected": r["dice_per_class_protected"],
+            "loss_end_clean": (cv.get("loss") or [None])[-1], "loss_end_protected": (pv.get("loss") or [None])[-1],
+            "loss_clean": cv.get("loss"), "loss_protected": pv.get("loss"),
+            "protect_seconds": psum.get("seconds"), "victim_seconds": pv["train_seconds"],
+            "victim_cached": pv["cached"], "epoch_seconds": pv.get("epoch_seconds"),
+            "wall_seconds": time.perf_counter() - t0,
+        })
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    headers = ["method", "defence", "epsilon x255", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
+    headers = ["method", "protocol", "defence", "epsilon x255", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
                "max abs delta / R (x255)", "Dice clean victim (%)",
-               "Dice protected victim (%)", "protect (s)", "victim (s)"]
+               "Dice protected victim (%)", "final loss clean", "final loss protected", "protect (s)", "victim (s)"]
     body = []
     for r in rows:
         body.append([
-            r["method"], r["defence"], "-" if r["epsilon"] is None else f"{r['epsilon'] * 255:.3g}",
+            r["method"], r["protocol"], r["defence"], "-" if r["epsilon"] is None else f"{r['epsilon'] * 255:.3g}",
             fmt(r["psnr"]), fmt(r["psnr_roi"]), fmt(r["ssim"], 4),
             fmt(r["max_abs_delta"], 1),
             fmt(None if r["max_abs_delta_rel"] is None else r["max_abs_delta_rel"] * 255, 2),
             fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
+            fmt(r["loss_end_clean"], 4), fmt(r["loss_end_protected"], 4),
             fmt(r["protect_seconds"], 0), fmt(r["victim_seconds"], 0) + (" (cached)" if r["victim_cached"] else ""),
         ])
     return markdown_table(headers, body)
@@ -162,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, nargs="+", default=None,
                         help="victim resize (default 128 for 2D datasets, native for 3D)")
     parser.add_argument("--defence", action="append", default=None, help="defence rows (default none)")
+    parser.add_argument("--protocol", default="release",
+                        help="comma-separated judging protocols, each row under each: release (default), paper")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", default="auto", help="torch CPU threads for the victims (default: idle cores)")
@@ -194,6 +233,9 @@ def _run(args: argparse.Namespace) -> int:
     bad = [m for m, e in epsilons.items() if not isinstance(e, (int, float)) or not 0 <= e <= 1]
     if bad:
         raise InputError(f"--param {bad[0]}.epsilon must be a number in [0, 1] (e.g. 2/255), got {epsilons[bad[0]]!r}")
+    protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    if not protocols or any(p not in PROTOCOLS for p in protocols):
+        raise InputError(f"--protocol takes a comma-separated list of {', '.join(PROTOCOLS)}, got {args.protocol!r}")
     if args.max_train is not None and args.max_train < 1:
         raise InputError("--max-train must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,32 +258,19 @@ def _run(args: argparse.Namespace) -> int:
         else:
             psum = protect(dataset, args.out, method, base[method], args, params[method], epsilons[method])
             protected = Path(psum["output"])
-        print(f"[efficacy] {method}: evaluating ({args.victim})", file=sys.stderr, flush=True)
-        rep = evaluate(dataset, protected, victim=args.victim, defences=args.defence or ["none"], epochs=args.epochs,
-                       seed=args.seed, image_size=image_size, device=args.device, cache_dir=args.cache_dir,
-                       epsilon=epsilons[method], threads=threads, report=args.out / f"eval_{method}.json",
-                       progress=not args.quiet)
-        reports[method] = str(args.out / f"eval_{method}.json")
-        for r in rep["rows"]:
-            pv = r["protected_victim"]
-            rows.append({
-                "method": method, "defence": r["defence"], "epsilon": None if is_clean else epsilons[method],
-                "psnr": None if is_clean else rep["psnr"],
-                "psnr_roi": None if is_clean else rep["psnr_roi"],
-                "ssim": None if is_clean else rep["ssim"],
-                "max_abs_delta": None if is_clean else rep["max_abs_delta"],
-                "max_abs_delta_rel": None if is_clean else rep["max_abs_delta_rel"],
-                "clean_dtypes": rep["imperceptibility"]["dtypes"],
-                "dice_clean": r["dice_clean"], "dice_protected": r["dice_protected"],
-                "dice_per_class_clean": r["dice_per_class_clean"],
-                "dice_per_class_protected": r["dice_per_class_protected"],
-                "protect_seconds": psum.get("seconds"), "victim_seconds": pv["train_seconds"],
-                "victim_cached": pv["cached"], "epoch_seconds": pv.get("epoch_seconds"),
-                "wall_seconds": time.perf_counter() - t0,
-            })
-        first_rep = rep
-        print(f"[efficacy] {method}: Dice clean victim {fmt(rows[-1]['dice_clean'], 2, True)} %, "
-              f"protected victim {fmt(rows[-1]['dice_protected'], 2, True)} %", file=sys.stderr, flush=True)
+        for protocol in protocols:
+            print(f"[efficacy] {method}: evaluating ({args.victim}, {protocol} protocol)", file=sys.stderr, flush=True)
+            name = f"eval_{method}.json" if protocol == "release" else f"eval_{method}_{protocol}.json"
+            rep = evaluate(dataset, protected, victim=args.victim, defences=args.defence or ["none"],
+                           epochs=args.epochs, seed=args.seed, image_size=image_size, device=args.device,
+                           cache_dir=args.cache_dir, epsilon=epsilons[method], threads=threads, report=args.out / name,
+                           progress=not args.quiet, protocol=protocol,
+                           key=None if is_clean else args.out / f"protected_{method}.umedkey")
+            reports[f"{method}/{protocol}"] = str(args.out / name)
+            rows += _rows(method, protocol, is_clean, epsilons[method], rep, psum, t0)
+            first_rep = rep
+            print(f"[efficacy] {method} ({protocol}): Dice clean victim {fmt(rows[-1]['dice_clean'], 2, True)} %, "
+                  f"protected victim {fmt(rows[-1]['dice_protected'], 2, True)} %", file=sys.stderr, flush=True)
     cfg = first_rep["config"]
     dtypes = next((r["clean_dtypes"] for r in rows if r["clean_dtypes"]), None)
     header = (
@@ -259,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     text = header + "\n\n" + table(rows) + "\n"
     print(text)
-    out_json = {"dataset": str(args.dataset), "methods": methods, "row_methods": base, "epsilon": args.epsilon,
+    out_json = {"dataset": str(args.dataset), "methods": methods, "protocols": protocols, "row_methods": base, "epsilon": args.epsilon,
                 "seed": args.seed, "victim": args.victim, "epochs": first_rep["epochs"], "max_train": args.max_train,
                 "image_size": first_rep["image_size"], "config": cfg, "versions": first_rep["versions"],
                 "rows": rows, "reports": reports, "params": params}

@@ -47,7 +47,7 @@ def test_labelled_rows_and_table(tmp_path, capsys):
     # a row's own budget reaches protect_dataset (not the protector's parameters) and the table
     settings = json.loads((out / "protected_noise-2.json").read_text())["settings"]
     assert settings["params"] == {} and settings["epsilon"] == pytest.approx(2 / 255)
-    assert "| noise-2 | none | 2 |" in text and "| noise | none | 8 |" in text
+    assert "| noise-2 | release | none | 2 |" in text and "| noise | release | none | 8 |" in text
     rows = {r["method"]: r for r in rec["rows"]}
     # the ROI-only row leaves the background untouched, so it is closer to the clean images than whole-image noise
     assert rows["noise-roi"]["psnr"] > rows["noise"]["psnr"]
@@ -56,9 +56,30 @@ def test_labelled_rows_and_table(tmp_path, capsys):
     assert rows["clean"]["psnr"] is None and rows["clean"]["epsilon"] is None
 
 
+def test_paper_and_release_rows(tmp_path, capsys):
+    data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=32, ext=".png")
+    out = tmp_path / "out"
+    args = [str(data), "--methods", "clean,noise", "--protocol", "release,paper", "--epochs", "1", "--image-size",
+            "32", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert _efficacy().main(args) == 0
+    text = capsys.readouterr().out
+    for row in ("| clean | release |", "| clean | paper |", "| noise | release |", "| noise | paper |"):
+        assert row in text
+    rec = json.loads((out / "efficacy.json").read_text())
+    rows = {(r["method"], r["protocol"]): r for r in rec["rows"]}
+    assert len(rows) == 4 and rec["protocols"] == ["release", "paper"]
+    for r in rows.values():  # every row reports its victims' final training losses
+        assert r["loss_end_clean"] is not None and r["loss_end_protected"] is not None
+    # the paper row's PSNR is that of the float perturbation, the release row's that of the rounded files
+    assert rows[("noise", "paper")]["psnr"] != rows[("noise", "release")]["psnr"]
+    rep = json.loads((out / "eval_noise_paper.json").read_text())
+    assert rep["protocol"] == "paper" and rep["config"]["augment"] is False
+
+
 @pytest.mark.parametrize("methods, extra", [("clean,nonexistent", []), ("a=noise,a=noise", []),
                                            ("x=nonexistent", []), ("noise", ["--param", "noise.epsilon=abc"]),
-                                           ("noise", ["--param", "noise.epsilon=3"])])
+                                           ("noise", ["--param", "noise.epsilon=3"]),
+                                           ("noise", ["--protocol", "paper,bogus"])])
 def test_bad_methods(tmp_path, methods, extra, capsys):
     data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
     assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o"), *extra]) == 2

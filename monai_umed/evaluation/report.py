@@ -44,6 +44,9 @@ REPORT_KEYS = (
     "max_abs_delta",
     "max_abs_delta_rel",
     "victim",
+    "protocol",
+    "loss_end_clean",
+    "loss_end_protected",
     "defence",
     "epochs",
     "seed",
@@ -143,16 +146,22 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"PSNR {fmt(imp['psnr'])} dB, PSNR in ROI {fmt(imp['psnr_roi'])} dB, SSIM {fmt(imp['ssim'], 4)}, "
         f"max |delta| {fmt(imp['max_abs_delta'], 1)} native units = {fmt(imp['max_abs_delta_rel'] * 255, 2)}/255 "
         f"of the range R; clean dtypes {imp['dtypes']}",
+        f"- protocol {report.get('protocol', 'release')}"
+        + (f": float perturbations, PSNR {fmt(imp.get('paper_psnr'))} dB (min {fmt(imp.get('paper_psnr_min'))}), "
+           "no rounding, no random augmentation" if report.get("protocol") == "paper" else
+           ": the written files through the victim's own pipeline"),
         f"- wall time {fmt(report['wall_time_s'], 0)} s",
         "",
     ]
     headers = ["defence", "Dice clean victim (%)", "Dice protected victim (%)", "drop (points)",
-               "train s clean", "train s protected"]
+               "final loss clean", "final loss protected", "train s clean", "train s protected"]
     rows = []
     for r in report["rows"]:
         rows.append([
             r["defence"], fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
             fmt(None if r["dice_drop"] is None else r["dice_drop"] * 100, 2),
+            fmt((r["clean_victim"].get("loss") or [None])[-1], 4),
+            fmt((r["protected_victim"].get("loss") or [None])[-1], 4),
             fmt(r["clean_victim"]["train_seconds"], 0) + (" (cached)" if r["clean_victim"]["cached"] else ""),
             fmt(r["protected_victim"]["train_seconds"], 0) + (" (cached)" if r["protected_victim"]["cached"] else ""),
         ])

@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 #: bump when the training recipe changes, so stale cached victims are not reused
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -123,6 +123,8 @@ class VictimConfig:
         victim_params: network constructor parameters.
         defence: the defence's ``to_dict()``.
         sw_overlap: sliding-window overlap at inference.
+        augment: the random flips and rotations of the recipe (and the defence's augmentation); ``False`` for the
+            paper protocol, whose victim sees the protected images exactly as generated.
     """
 
     victim: str
@@ -140,6 +142,7 @@ class VictimConfig:
     victim_params: dict[str, Any] = field(default_factory=dict)
     defence: dict[str, Any] = field(default_factory=lambda: {"name": "none", "params": {}, "label": "none"})
     sw_overlap: float = 0.25
+    augment: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -255,6 +258,7 @@ def make_config(
     victim_params: dict[str, Any] | None = None,
     patch: Sequence[int] | None = None,
     max_patch: int | None = None,
+    augment: bool = True,
 ) -> VictimConfig:
     """Fill a :class:`VictimConfig` from :func:`describe_data` and the user's choices (None = default).
 
@@ -298,6 +302,7 @@ def make_config(
         intensity=intensity,
         victim_params=params,
         defence=d.to_dict(),
+        augment=bool(augment),
     )
 
 
@@ -331,8 +336,18 @@ def _resize(cfg: VictimConfig, keys: Sequence[str]) -> list:
     return [Resized(list(keys), spatial_size=cfg.image_size, mode=modes, anti_aliasing=aa)]
 
 
-def train_transforms(cfg: VictimConfig):
-    """The victim's training pipeline (a MONAI ``Compose``), defence included."""
+def _in_memory(items: Sequence[dict[str, Any]]) -> bool:
+    """Whether a training list holds arrays (paper protocol) rather than file paths."""
+    return bool(items) and not isinstance(items[0]["image"], (str, os.PathLike))
+
+
+def train_transforms(cfg: VictimConfig, in_memory: bool = False):
+    """The victim's training pipeline (a MONAI ``Compose``), defence included.
+
+    Args:
+        cfg: the victim configuration.
+        in_memory: the items hold channel-first arrays instead of file paths (nothing to load).
+    """
     from monai.transforms import (
         Compose,
         EnsureTyped,
@@ -345,7 +360,7 @@ def train_transforms(cfg: VictimConfig):
 
     d = cfg.get_defence()
     keys = ["image", "label"]
-    t = _load(keys) + d.preprocess("image")
+    t = ([] if in_memory else _load(keys)) + d.preprocess("image")
     t += [EnsureTyped("image", dtype=torch.float32), EnsureTyped("label", dtype=torch.int64)]
     t += _resize(cfg, keys) + _intensity(cfg)
     t += [
@@ -355,6 +370,8 @@ def train_transforms(cfg: VictimConfig):
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, pos=1, neg=1,
                                num_samples=cfg.num_samples, image_key="image", image_threshold=-np.inf),
     ]
+    if not cfg.augment:
+        return Compose(t)
     t += [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(cfg.spatial_dims)]
     square = [(i, j) for i in range(cfg.spatial_dims) for j in range(i + 1, cfg.spatial_dims)
               if cfg.patch_size[i] == cfg.patch_size[j]]
@@ -378,15 +395,22 @@ def eval_transforms(cfg: VictimConfig):
 
 
 def victim_cache_key(train_list: Sequence[dict[str, str]], cfg: VictimConfig) -> str:
-    """Content hash of (training image and label bytes in list order, victim configuration, versions)."""
+    """Content hash of (training image and label bytes in list order, victim configuration, versions); arrays
+    (paper protocol) are hashed by dtype, shape and bytes."""
     import monai
 
     import monai_umed
 
+    def digest(v: Any) -> str:
+        if isinstance(v, (str, os.PathLike)):
+            return file_sha256(v)
+        a = np.ascontiguousarray(np.asarray(v))
+        return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
     h = hashlib.sha256()
     for it in train_list:
-        h.update(file_sha256(it["image"]).encode())
-        h.update(file_sha256(it["label"]).encode())
+        h.update(digest(it["image"]).encode())
+        h.update(digest(it["label"]).encode())
     extra = {
         "config": cfg.to_dict(),
         "versions": {"torch": torch.__version__, "monai": monai.__version__, "monai_umed": monai_umed.__version__},
@@ -413,7 +437,8 @@ def train_victim(
     """Train (or load from the cache) a victim on the files of ``train_list``.
 
     Args:
-        train_list: ``{"image", "label"}`` dicts with absolute paths.
+        train_list: ``{"image", "label"}`` dicts with absolute paths, or with channel-first arrays (the paper
+            protocol's in-memory float images).
         cfg: the victim configuration.
         device: ``auto`` | ``cpu`` | ``cuda``.
         cache_dir: where trained victims are kept (:func:`default_cache_dir` when None).
@@ -444,7 +469,7 @@ def train_victim(
 
     set_determinism(seed=cfg.seed)
     t0 = time.perf_counter()
-    transform = train_transforms(cfg)
+    transform = train_transforms(cfg, in_memory=_in_memory(train_list))
     ds = CacheDataset(list(train_list), transform, cache_rate=1.0, num_workers=0, progress=False)
     transform.set_random_state(seed=cfg.seed)
     load_seconds = time.perf_counter() - t0

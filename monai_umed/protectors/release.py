@@ -52,8 +52,9 @@ def quantise_st(x: torch.Tensor, levels: int | None) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian smoothing of a batch (B x C x spatial), differentiable.
 
-    The kernel is MONAI's ``gaussian_1d`` (``erf``, truncated at 4 sigma) with replicate padding, as in
-    ``GaussianSmooth`` and ``Resize(anti_aliasing=True)``; an axis with ``sigma <= 0`` is left alone.
+    The kernel is MONAI's ``gaussian_1d`` (``erf``, truncated at 4 sigma) with zero padding, exactly as
+    ``GaussianSmooth`` inside ``Resize(anti_aliasing=True)`` (the image borders darken the same way; tested
+    against MONAI); an axis with ``sigma <= 0`` is left alone.
     """
     sd = x.ndim - 2
     conv = F.conv2d if sd == 2 else F.conv3d
@@ -68,7 +69,7 @@ def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
         shape[2 + d] = k.numel()
         pad = [0, 0] * sd
         pad[2 * (sd - 1 - d)] = pad[2 * (sd - 1 - d) + 1] = r
-        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(shape).expand(c, *shape[1:]).contiguous(), groups=c)
+        x = conv(F.pad(x, pad), k.reshape(shape).expand(c, *shape[1:]).contiguous(), groups=c)
     return x
 
 

@@ -695,8 +695,9 @@ class UMedProtector(Protector):
         start_epoch, self.history = 0, []
         if checkpoint is not None and os.path.exists(checkpoint):
             state = torch.load(checkpoint, map_location=self.device, weights_only=False)
-            if {k: v for k, v in state.get("params", {}).items() if k != "epochs"} != {
-                k: v for k, v in self.params().items() if k != "epochs"
+            bounds = ("epochs", "refine_rounds")  # upper bounds: a fit may be resumed with more
+            if {k: v for k, v in state.get("params", {}).items() if k not in bounds} != {
+                k: v for k, v in self.params().items() if k not in bounds
             }:
                 raise ValueError(f"{checkpoint}: checkpoint was written with different UMed parameters")
             self.gen_c.load_state_dict(state["gen_c"])
@@ -958,7 +959,7 @@ class UMedProtector(Protector):
                 setattr(self, key, p[key])
         if "texture_quantiles" in p:
             self.texture_quantiles = tuple(float(v) for v in p["texture_quantiles"])
-        for key in ("channels", "patch_size", "sw_roi_size"):
+        for key in ("channels", "surrogate_channels", "patch_size", "sw_roi_size"):
             if key in p:
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",

@@ -1,0 +1,156 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""The release path stand-in, the refinement through it (UMed's refine stage) and the paper protocol."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import create_test_image_2d, create_test_image_3d
+from monai.transforms import Resize
+from test_evaluate import _write_2d
+
+from monai_umed.protectors.release import ReleasePath, antialias_resize, psnr, psnr_amplitude, quantise_st
+from monai_umed.protectors.umed import UMedProtector
+
+
+def _samples(n=6, size=48, sd=2):
+    out = []
+    for i in range(n):
+        rs = np.random.RandomState(i)
+        if sd == 2:
+            im, lab = create_test_image_2d(size, size, num_objs=2, rad_max=10, random_state=rs)
+            x = torch.tensor(im)[None].float().repeat(3, 1, 1)
+        else:
+            im, lab = create_test_image_3d(size, size, size, num_objs=2, rad_max=6, random_state=rs)
+            x = torch.tensor(im)[None].float()
+        x = (x / x.max() * 255).round() / 255
+        out.append({"image": x, "label": torch.tensor(lab > 0)[None].long(), "case_id": f"c{i}"})
+    return out
+
+
+FAST = dict(epochs=1, batch_size=4, refine_rounds=2, refine_pgd=2, victim_grids=(32,), seed=3)
+
+
+def test_quantise_st_and_psnr_amplitude():
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    q = quantise_st(x, 255)
+    assert torch.allclose(q * 255, (q * 255).round(), atol=1e-4)
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight through
+    fp = torch.zeros(3, 1, 100, 100)
+    fp[0, :, :10] = 1  # 10 % footprint
+    fp[1, :, :1, :1] = 1  # tiny footprint: the cap wins
+    fp[2] = 1  # whole image: at least one grey level
+    a = psnr_amplitude(fp, 50.0, cap=8 / 255)
+    assert torch.allclose(a * 255, (a * 255).round())
+    assert a[1] == pytest.approx(8 / 255) and a[2] == pytest.approx(1 / 255)
+    assert float(psnr((fp[:1] * a[0]))) >= 50.0
+
+
+def test_antialias_resize_matches_monai():
+    x = torch.rand(1, 3, 90, 90)
+    ours = antialias_resize(x, (32, 32))
+    ref = Resize((32, 32), mode="bilinear", anti_aliasing=True)(x[0])
+    assert torch.allclose(ours[0], torch.as_tensor(ref), atol=2e-3)
+
+
+def test_release_path_views_are_paired_and_seeded():
+    path = ReleasePath(grids=(16, 24), normalise="minmax", jitter=0.05)
+    x = torch.rand(2, 3, 48, 48)
+    y = (x[:, :1] > 0.5).long()
+    a = path.view(x, y, torch.Generator().manual_seed(1))
+    b = path.view(x, y, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape[2:] == a[1].shape[2:] and a[0].shape[2] in (16, 24)
+    with pytest.raises(ValueError):
+        ReleasePath(normalise="bogus")
+
+
+def test_refinement_stays_inside_the_budget_after_quantisation():
+    samples = _samples()
+    p = UMedProtector(**FAST).fit(samples, progress=False)
+    assert p.refiner is not None and len(p.refiner.history) == 2
+    for rec in p.refiner.history:  # the round log: the surrogate's training Dice and loss, the PGD loss
+        assert {"round", "dice", "loss", "pgd_loss"} <= set(rec)
+    for s in samples:
+        d = p.perturbation(s["image"], s["label"], s["case_id"])
+        limit = p.budget(s["image"], s["label"])
+        assert torch.all(d.abs() <= limit + 1e-6)
+        assert float(d.abs().max()) > 0  # the refined perturbation is not empty
+        # what reaches an 8-bit file: whole grey levels, still inside the map, PSNR >= min_psnr
+        stored = np.round(s["image"].numpy() * 255).astype(np.uint8)
+        written = np.clip(np.round(stored + d.numpy() * 255), 0, 255)
+        dq = (written - stored) / 255.0
+        assert np.all(np.abs(dq) <= limit.numpy() + 1e-6)
+        assert float(psnr(torch.as_tensor(dq)[None])) >= 50.0 - 1e-6
+
+
+def test_refinement_is_deterministic_and_resumable(tmp_path):
+    samples = _samples(n=4)
+    a = UMedProtector(**FAST).fit(samples, progress=False)
+    b = UMedProtector(**FAST).fit(samples, progress=False)
+    for cid in a.refiner.deltas:
+        assert torch.equal(a.refiner.deltas[cid], b.refiner.deltas[cid])
+    # an interrupted fit: the first round is checkpointed, then the fit resumes and ends where a full one ends
+    ck = tmp_path / "fit.ckpt"
+    one = {**FAST, "refine_rounds": 1}
+    UMedProtector(**one).fit(samples, progress=False, checkpoint=ck)
+    assert (tmp_path / "fit.ckpt.refine").is_file()
+    c = UMedProtector(**FAST).fit(samples, progress=False, checkpoint=ck)
+    for cid in a.refiner.deltas:
+        assert torch.equal(a.refiner.deltas[cid], c.refiner.deltas[cid])
+    assert [r["round"] for r in c.refiner.history] == [0, 1]
+
+
+def test_refined_state_round_trip_and_unseen_cases():
+    samples = _samples(n=4)
+    p = UMedProtector(**FAST).fit(samples, progress=False)
+    q = UMedProtector(refine_steps=2).load_state_dict(p.state_dict())
+    assert q.refine_steps == 2  # a protect-time option, not taken from the state
+    for s in samples:
+        assert torch.equal(p.perturbation(s["image"], s["label"], s["case_id"]),
+                           q.perturbation(s["image"], s["label"], s["case_id"]))
+    new = _samples(n=5)[4]
+    d_gen = p.perturbation(new["image"], new["label"], "unseen")
+    d_ref = q.perturbation(new["image"], new["label"], "unseen")
+    limit = p.budget(new["image"], new["label"])
+    assert torch.all(d_ref.abs() <= limit + 1e-6) and not torch.equal(d_gen, d_ref)
+    assert torch.equal(d_ref, q.perturbation(new["image"], new["label"], "unseen"))  # seeded by the case
+
+
+def test_refinement_3d_and_disabled():
+    samples = _samples(n=3, size=24, sd=3)
+    p = UMedProtector(epochs=1, batch_size=2, refine_rounds=1, refine_pgd=1, seed=0).fit(samples, progress=False)
+    d = p.perturbation(samples[0]["image"], samples[0]["label"], "c0")
+    assert torch.all(d.abs() <= p.budget(samples[0]["image"], samples[0]["label"]) + 1e-6)
+    off = UMedProtector(epochs=1, batch_size=2, refine_rounds=0).fit(samples, progress=False)
+    assert off.refiner is None
+
+
+def test_paper_protocol_adds_exactly_the_float_perturbation(tmp_path):
+    from monai_umed.bundle import load_protector
+    from monai_umed.data.datalist import load_dataset
+    from monai_umed.evaluation.protocols import paper_training_list
+    from monai_umed.pipeline import load_case, protect_dataset
+
+    data = _write_2d(tmp_path / "data", n_train=3, n_test=1, size=32, ext=".png")
+    protect_dataset(data, tmp_path / "out", method="noise", epsilon=3 / 255, split="training", progress=False)
+    key = tmp_path / "out.umedkey"
+    items = paper_training_list(data, key)
+    protector = load_protector(key, device="cpu")
+    spec = load_dataset(str(data))
+    for item, case in zip(items, [c for c in spec.cases if c.split == "training"]):
+        lc = load_case(spec, case)
+        d = protector.perturbation(lc.tensor, lc.label, case.case_id)
+        assert np.array_equal(item["image"], (lc.tensor + d).clamp(0, 1).numpy().astype(np.float32))
+        # float, not rounded to the file's grey levels
+        assert not np.allclose(item["image"] * 255, np.round(item["image"] * 255))
