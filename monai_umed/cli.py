@@ -74,7 +74,8 @@ def _add_protect(sub: argparse._SubParsersAction) -> None:
                    help="native -> [0, 1] mapping (METHODS.md section 0)")
     p.add_argument("--new-uids", action="store_true", help="DICOM: give written files new SOPInstanceUIDs")
     p.add_argument("--batch-size", type=int, default=8, help="cases per perturbation batch")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings "
+                   "(a run that already completed with them: check its key and succeed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_protect)
 
@@ -100,14 +101,24 @@ def _run_protect(args: argparse.Namespace) -> int:
     )
     if summary.get("rank", 0):  # under torchrun, rank 0 reports for the whole job
         return 0
+    if summary.get("already_complete"):
+        print(f"already complete: {summary['output']} and its key match these settings and check out in full "
+              f"({summary['protected']} of {summary['cases']} images protected with {summary['method']}); "
+              "nothing to do")
+        _print_written(summary)
+        return 0
     if summary["jpeg_as_png"]:
         print(f"notice: {summary['jpeg_as_png']} JPEG image(s) were written as lossless PNG (JPEG would destroy the "
               "perturbation); dataset.json points at the .png files", file=sys.stderr)
     print(f"protected {summary['protected']} of {summary['cases']} images with {summary['method']} "
           f"(PSNR mean {summary['psnr_mean']:.2f} dB, min {summary['psnr_min']:.2f} dB, "
           f"max |delta| {summary['max_abs_delta']:.4g} native units) in {summary['seconds']:.1f} s")
-    print(f"output:   {summary['output']}\nmanifest: {summary['manifest']}\nkey:      {summary['key']} (keep it private)")
+    _print_written(summary)
     return 0
+
+
+def _print_written(summary: dict[str, Any]) -> None:
+    print(f"output:   {summary['output']}\nmanifest: {summary['manifest']}\nkey:      {summary['key']} (keep it private)")
 
 
 def _add_restore(sub: argparse._SubParsersAction) -> None:
@@ -115,6 +126,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("protected", help="protected dataset folder")
     p.add_argument("key", help="its key file")
     p.add_argument("output", help="new folder for the restored dataset")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="with a damaged key, restore every other case and list those that could not be restored "
+                   "(exit code 2 when any was left out)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_restore)
 
@@ -122,23 +136,44 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
 def _run_restore(args: argparse.Namespace) -> int:
     from monai_umed.key import restore_dataset
 
-    s = restore_dataset(args.protected, args.key, args.output, progress=not args.quiet)
+    s = restore_dataset(args.protected, args.key, args.output, progress=not args.quiet, skip_damaged=args.skip_damaged)
+    for line in s["warnings"]:
+        print(f"monai-umed: warning: {args.key}: {line}; restoring does not need it, but replace this key with a "
+              "good copy", file=sys.stderr)
+    for line in s["problems"]:
+        print(f"monai-umed: error: {args.key}: {line}: not restored", file=sys.stderr)
+    if s["skipped"]:
+        print(f"restored {s['restored']} images bit for bit into {s['output']}; {len(s['skipped'])} of {s['cases']} "
+              f"cases NOT restored (damaged key): {', '.join(s['skipped'])}")
+        return 2
     print(f"restored {s['restored']} images ({s['cases']} cases) bit for bit into {s['output']}")
     return 0
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check that a key belongs to a protected dataset")
+    p = sub.add_parser("verify", help="check a whole key and that it belongs to a protected dataset",
+                       description="Check every part of KEY (each case's delta, the fitted protector, key.json) and "
+                       "that every protected file in PROTECTED matches it; name each damaged or mismatching case.")
     p.add_argument("protected")
     p.add_argument("key")
+    p.add_argument("--quick", action="store_true",
+                   help="only check key.json against the protected files (a damaged delta goes unnoticed)")
     p.set_defaults(func=_run_verify)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from monai_umed.key import verify_key
+    from monai_umed.key import check_key, verify_key
 
-    record = verify_key(args.protected, args.key)
-    print(f"key matches: {len(record['cases'])} cases, method {record['method']}, fingerprint {record['fingerprint'][:16]}")
+    if args.quick:
+        record = verify_key(args.protected, args.key)
+        how = "quick check: key.json only, the deltas were not read"
+    else:
+        report = check_key(args.protected, args.key)
+        report.raise_for_problems(args.key)
+        record = report.record
+        how = "full check: every delta intact"
+    print(f"key matches: {len(record['cases'])} cases, method {record['method']}, fingerprint "
+          f"{record['fingerprint'][:16]} ({how})")
     return 0
 
 
@@ -216,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
             return int(args.func(args) or 0)
     except InputError as e:
+        for line in getattr(e, "problems", []):  # a key check: one line per damaged or mismatching case or part
+            print(f"monai-umed: error: {line}", file=sys.stderr)
         print(f"monai-umed: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

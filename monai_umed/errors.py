@@ -9,11 +9,13 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Errors that reach the user as one line and exit code 2."""
+"""Errors that reach the user as one line (a key check: one line per problem, then the summary) and exit code 2."""
 
 from __future__ import annotations
 
-__all__ = ["InputError", "KeyMismatchError"]
+from typing import Sequence
+
+__all__ = ["InputError", "KeyMismatchError", "KeyDamagedError"]
 
 
 class InputError(ValueError):
@@ -28,4 +30,22 @@ class InputError(ValueError):
 
 
 class KeyMismatchError(InputError):
-    """A restoration key that does not belong to the protected dataset it is applied to."""
+    """A restoration key that does not belong to the protected dataset it is applied to.
+
+    Args:
+        message: what is wrong, on one line.
+        path: the key file.
+        problems: one line per mismatching (or damaged) case or part of the key, each naming it (``path: `` is
+            put in front of each); the command line prints each on its own line before ``message``.
+    """
+
+    def __init__(self, message: str, path: str | None = None, problems: Sequence[str] = ()) -> None:
+        super().__init__(message, path)
+        self.problems = [f"{self.path}: {p}" if self.path else p for p in problems]
+
+
+class KeyDamagedError(KeyMismatchError):
+    """A restoration key with a damaged part: a member that fails its checksum or cannot be read.
+
+    ``problems`` names each damaged case (its delta) or part (``key.json``, ``protector.pt``).
+    """

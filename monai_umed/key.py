@@ -16,6 +16,12 @@ protected files and their sha256, the intensity mapping, array checksums, codec 
 UIDs) and, per protected image, a sparse compressed integer delta ``deltas/<n>.npz``. Float images are keyed by
 the difference of their bit patterns, so restoration is exact for every dtype. Fitted protectors also store
 their ``state_dict`` (``protector.pt``): the generators are the owner's secret too.
+
+Integrity: ``key.json`` records the sha256 of every delta (``delta_sha256`` per case) and of ``protector.pt``
+(``protector_sha256``); every member also carries the zip's CRC-32, the only check of ``key.json`` itself and the
+fallback for keys written before the sha256 fields existed. :func:`check_key` checks every part and names each
+damaged case; :func:`restore_dataset` refuses a damaged key before writing anything, or with ``skip_damaged``
+restores every other case.
 """
 
 from __future__ import annotations
@@ -25,16 +31,20 @@ import io
 import json
 import os
 import shutil
+import struct
 import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from monai_umed.data.formats import array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
-from monai_umed.errors import InputError, KeyMismatchError
+from monai_umed.errors import InputError, KeyDamagedError, KeyMismatchError
 
-__all__ = ["encode_delta", "decode_delta", "write_key", "read_key", "verify_key", "restore_dataset", "KEY_FORMAT"]
+__all__ = ["encode_delta", "decode_delta", "write_key", "read_key", "verify_key", "check_key", "KeyReport",
+           "restore_dataset", "KEY_FORMAT"]
 
 KEY_FORMAT = "monai-umed-key/1"
 
@@ -93,8 +103,11 @@ def write_key(path: str | os.PathLike, record: dict[str, Any], deltas: Iterable[
         path: key file.
         record: the ``key.json`` content (``cases`` list, method, params, ...).
         deltas: ``(member name, encode_delta payload)`` pairs.
-        protector_state: ``torch.save`` bytes of the fitted protector's ``state_dict``.
+        protector_state: ``torch.save`` bytes of the fitted protector's ``state_dict`` (its sha256 goes into
+            ``key.json`` as ``protector_sha256``).
     """
+    if protector_state is not None:
+        record = {**record, "protector_sha256": hashlib.sha256(protector_state).hexdigest()}
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.writestr("key.json", json.dumps({"format": KEY_FORMAT, **record}, indent=1))
@@ -105,29 +118,86 @@ def write_key(path: str | os.PathLike, record: dict[str, Any], deltas: Iterable[
         os.chmod(tmp, 0o600)  # the key is the owner's secret
 
 
+# what zipfile raises on a damaged member: bad CRC or header (BadZipFile), bad deflate stream (zlib.error), a member
+# cut short (EOFError), an offset past the end (OSError, struct.error), a flipped method or flag bit
+# (NotImplementedError, RuntimeError: "encrypted"), a garbled size or name (ValueError, UnicodeDecodeError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, struct.error, NotImplementedError, RuntimeError,
+               ValueError)
+
+
+class _Damaged(Exception):
+    """A key member that is missing, unreadable or fails its checksum (message: why)."""
+
+
+def _read_member(z: zipfile.ZipFile, name: str, sha256: str | None = None) -> bytes:
+    """The bytes of one key member, checked: the zip's CRC-32 always, and ``sha256`` when the key records one.
+
+    Raises:
+        _Damaged: the member is missing, unreadable or fails a checksum.
+    """
+    try:
+        data = z.read(name)
+    except KeyError:
+        raise _Damaged("missing from the key") from None
+    except _ZIP_ERRORS as e:
+        raise _Damaged(f"unreadable ({type(e).__name__}: {e})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise _Damaged("fails its sha256 checksum")
+    return data
+
+
+def _open_key(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise InputError("key file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("not a monai-umed key file (the file is empty)", path)
+    try:
+        return zipfile.ZipFile(path)
+    except _ZIP_ERRORS as e:
+        raise InputError(f"not a monai-umed key file (not a zip, or truncated or damaged beyond use: {e})", path) from e
+
+
 def read_key(path: str | os.PathLike) -> dict[str, Any]:
     """The ``key.json`` record of a key file.
 
     Raises:
-        InputError: missing or not a monai-umed key.
+        InputError: missing, empty, truncated or not a monai-umed key.
+        KeyDamagedError: a zip whose ``key.json`` fails its CRC-32 or cannot be read.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError("key file not found", p)
+    with _open_key(p) as z:
+        if "key.json" not in z.namelist():
+            # a truncated key can still open as a zip: the last delta it holds is itself an .npz (zip) file
+            raise InputError("not a monai-umed key file (no key.json: truncated, damaged or another kind of zip)", p)
+        try:
+            raw = _read_member(z, "key.json")
+        except _Damaged as e:
+            line = f"key.json (the key's own record of every case) is damaged: {e}"
+            raise KeyDamagedError(f"{line}; nothing can be restored with this copy: use another copy of the key",
+                                  p) from None
     try:
-        with zipfile.ZipFile(p) as z:
-            record = json.loads(z.read("key.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
-        raise InputError("not a monai-umed key file", p) from e
-    if record.get("format") != KEY_FORMAT:
-        raise InputError(f"unsupported key format {record.get('format')!r}", p)
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError("not a monai-umed key file (key.json is not JSON)", p) from e
+    if not isinstance(record, dict) or record.get("format") != KEY_FORMAT:
+        raise InputError(f"unsupported key format {record.get('format') if isinstance(record, dict) else None!r}", p)
     return record
 
 
 def read_protector_state(path: str | os.PathLike) -> bytes | None:
-    """The fitted protector's ``torch.save`` bytes stored in a key, or None."""
+    """The fitted protector's ``torch.save`` bytes stored in a key (checked), or None.
+
+    Raises:
+        KeyDamagedError: ``protector.pt`` fails its checksum.
+    """
+    record = read_key(path)
     with zipfile.ZipFile(path) as z:
-        return z.read("protector.pt") if "protector.pt" in z.namelist() else None
+        if "protector.pt" not in z.namelist():
+            return None
+        try:
+            return _read_member(z, "protector.pt", record.get("protector_sha256"))
+        except _Damaged as e:
+            raise KeyDamagedError(f"protector.pt (the fitted protector) is damaged: {e}", path) from None
 
 
 def _listed_files(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -148,43 +218,222 @@ def fingerprint(files: Iterable[dict[str, str]]) -> str:
 
 
 def verify_key(protected: str | os.PathLike, key: str | os.PathLike) -> dict[str, Any]:
-    """Check that ``key`` belongs to the protected folder: every file it lists is there with the same sha256.
+    """Quick check that ``key`` belongs to the protected folder: every file it lists is there with the same sha256.
+
+    Only ``key.json`` is read: a damaged delta or ``protector.pt`` goes unnoticed (see :func:`check_key`).
 
     Raises:
         KeyMismatchError: naming the first file that is missing or differs.
+        KeyDamagedError: ``key.json`` itself is damaged.
     """
     root = Path(protected)
     if not root.is_dir():
         raise InputError("protected dataset folder not found", root)
     record = read_key(key)
     for f in _listed_files(record):
-        p = root / f["output"]
-        if not p.is_file():
-            raise KeyMismatchError(f"key does not match this dataset: {f['output']} is missing", key)
-        if file_sha256(p) != f["sha256"]:
-            raise KeyMismatchError(f"key does not match this dataset: {f['output']} differs from the protected file the key was made for", key)
+        problem = _file_problem(root, f)
+        if problem:
+            raise KeyMismatchError(f"key does not match this dataset: {problem}", key)
     return record
 
 
+def _file_problem(root: Path, f: dict[str, str]) -> str | None:
+    """Why the protected file ``f`` (``output``, ``sha256``) does not match the key, or None."""
+    p = root / f["output"]
+    if not p.is_file():
+        return f"{f['output']} is missing"
+    if file_sha256(p) != f["sha256"]:
+        return f"{f['output']} differs from the protected file the key was made for"
+    return None
+
+
+def _case_name(case: dict[str, Any]) -> str:
+    return f"case {case.get('case_id')!r}"
+
+
+def _delta_problem(z: zipfile.ZipFile, case: dict[str, Any]) -> str | None:
+    """Why a protected case's delta cannot be used (missing, unreadable, failed checksum), or None."""
+    try:
+        _read_member(z, case["delta"], case.get("delta_sha256"))  # keys without delta_sha256: the CRC-32 alone
+    except _Damaged as e:
+        return f"{_case_name(case)} ({case['delta']}) is damaged: {e}"
+    return None
+
+
+def _protector_problem(z: zipfile.ZipFile, record: dict[str, Any]) -> str | None:
+    """Why the stored fitted protector is damaged, or None (also when the key holds none)."""
+    if "protector.pt" not in z.namelist() and "protector_sha256" not in record:
+        return None
+    try:
+        _read_member(z, "protector.pt", record.get("protector_sha256"))
+    except _Damaged as e:
+        return f"protector.pt (the fitted protector) is damaged: {e}"
+    return None
+
+
+@dataclass
+class KeyReport:
+    """What :func:`check_key` found; every line names the case or part of the key it is about.
+
+    Attributes:
+        record: the key's ``key.json``.
+        damaged: one line per damaged part: a case's delta (the case cannot be restored) or ``protector.pt``.
+        mismatched: one line per case (or ``manifest.json``) whose protected file is missing or differs.
+        damaged_cases: indices (in ``record["cases"]``) of the cases whose delta is damaged.
+        mismatched_cases: indices of the cases with a missing or different protected file.
+    """
+
+    record: dict[str, Any]
+    damaged: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    damaged_cases: set[int] = field(default_factory=set)
+    mismatched_cases: set[int] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        """True when every part of the key is intact and every protected file matches."""
+        return not self.damaged and not self.mismatched
+
+    def raise_for_problems(self, key: str | os.PathLike) -> None:
+        """Raise the error that describes every problem (nothing when :attr:`ok`).
+
+        Raises:
+            KeyDamagedError: some part is damaged (the lines name every damaged and mismatching part).
+            KeyMismatchError: only mismatches; a key none of whose cases matches is reported on one line.
+        """
+        n = len(self.record["cases"])
+        if self.mismatched_cases and len(self.mismatched_cases) == n:  # the key of another run or dataset
+            raise KeyMismatchError(f"key does not match this dataset: none of its {n} cases matches the protected "
+                                   f"files (first: {self.mismatched[0]}); is it the key of another run?", key,
+                                   problems=self.damaged)
+        if self.damaged:
+            others = len(self.damaged) - len(self.damaged_cases)
+            raise KeyDamagedError(
+                f"the key is damaged: {len(self.damaged_cases)} of {n} cases cannot be restored"
+                + (f", {others} other part damaged" if others else "")
+                + (f", {len(self.mismatched)} protected file(s) do not match" if self.mismatched else "")
+                + "; use another copy of the key", key, problems=self.damaged + self.mismatched)
+        if self.mismatched:
+            raise KeyMismatchError(f"key does not match this dataset: {len(self.mismatched)} case(s) or file(s) differ",
+                                   key, problems=self.mismatched)
+
+
+def check_key(protected: str | os.PathLike, key: str | os.PathLike) -> KeyReport:
+    """Check a whole key against its protected folder: every zip member's integrity, every case's delta checksum
+    (``delta_sha256``; the zip CRC-32 for keys written without it), ``protector.pt`` and every protected file.
+
+    Args:
+        protected: the protected dataset folder.
+        key: its key file.
+
+    Returns:
+        A :class:`KeyReport` naming each damaged or mismatching case; call ``raise_for_problems`` to fail on any.
+
+    Raises:
+        InputError: no such folder, or a key file that is missing, empty, truncated or not a monai-umed key.
+        KeyDamagedError: ``key.json`` is damaged (then nothing else can be checked).
+    """
+    root = Path(protected)
+    if not root.is_dir():
+        raise InputError("protected dataset folder not found", root)
+    report = KeyReport(read_key(key))
+    with zipfile.ZipFile(key) as z:
+        for i, case in enumerate(report.record["cases"]):
+            files = case["files"] + ([case["label"]] if case.get("label") else [])
+            wrong = [p for p in (_file_problem(root, f) for f in files) if p]
+            if wrong:
+                more = f" (and {len(wrong) - 1} more file(s))" if len(wrong) > 1 else ""
+                report.mismatched.append(f"{_case_name(case)}: {wrong[0]}{more}")
+                report.mismatched_cases.add(i)
+            problem = _delta_problem(z, case) if case.get("protected") else None
+            if problem:
+                report.damaged.append(problem)
+                report.damaged_cases.add(i)
+        problem = _protector_problem(z, report.record)
+        if problem:
+            report.damaged.append(problem)
+    manifest = report.record.get("manifest")
+    problem = _file_problem(root, manifest) if manifest else None
+    if problem:
+        report.mismatched.append(problem)
+    return report
+
+
+def _restore_case(z: zipfile.ZipFile, src: Path, stage: Path, case: dict[str, Any], key: str | os.PathLike) -> int:
+    """Write one case into ``stage``; returns 1 when a perturbation was removed, 0 for a copied case.
+
+    Nothing of the case is written when its delta is damaged.
+
+    Raises:
+        _Damaged: the case's delta is missing, unreadable, fails its checksum or restores a wrong array.
+        KeyMismatchError: the protected image decodes differently from what the key was made for.
+    """
+    outputs = [f["output"] for f in case["files"]]
+    if not case["protected"]:
+        for f in outputs:
+            copy_atomic(src / f, stage / f)
+    else:
+        payload = _read_member(z, case["delta"], case.get("delta_sha256"))
+        paths = [str(src / f) for f in outputs]
+        arg = paths if case["fmt"] == "dicom" else paths[0]
+        codec = codec_for(arg)
+        image = codec.read(arg)
+        if array_sha256(image.array) != case["array_sha256_protected"]:
+            raise KeyMismatchError(f"key does not match this dataset: {outputs[0]} decodes differently", key)
+        try:
+            original = decode_delta(image.array, payload)
+        except KeyMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a payload that passed the CRC of a key without sha256, yet is garbage
+            raise _Damaged(f"undecodable ({type(e).__name__}: {e})") from None
+        if array_sha256(original) != case["array_sha256_source"]:
+            raise _Damaged(f"restores an array of {outputs[0]} that fails its checksum")
+        targets = [str(stage / f) for f in outputs]
+        options = {"sop_instance_uids": case["sop_instance_uids"]} if case.get("sop_instance_uids") else {}
+        codec.write(arg, targets if case["fmt"] == "dicom" else targets[0], original, **options)
+    if case.get("label"):
+        copy_atomic(src / case["label"]["output"], stage / case["label"]["output"])
+    return int(bool(case["protected"]))
+
+
+def _damaged_parts(key: str | os.PathLike, record: dict[str, Any]) -> tuple[dict[int, str], list[str]]:
+    """Damaged cases (index -> line naming it) and other damaged parts (lines) of a key, read before restoring."""
+    cases: dict[int, str] = {}
+    with zipfile.ZipFile(key) as z:
+        for i, case in enumerate(record["cases"]):
+            problem = _delta_problem(z, case) if case.get("protected") else None
+            if problem:
+                cases[i] = problem
+        problem = _protector_problem(z, record)
+    return cases, [problem] if problem else []
+
+
 def restore_dataset(protected: str | os.PathLike, key: str | os.PathLike, output: str | os.PathLike,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, skip_damaged: bool = False) -> dict[str, Any]:
     """Rebuild the original dataset from a protected copy and its key (the original data is never needed).
 
     Each restored image has the decoded array of its source, bit for bit, and the protected file's metadata
-    (which is the source's). JPEG sources come back as lossless PNG with the original decoded pixels.
+    (which is the source's). JPEG sources come back as lossless PNG with the original decoded pixels. Every part
+    of the key is checked before anything is written; a damaged key is refused with a line per damaged case
+    (``KeyDamagedError.problems``) unless ``skip_damaged``.
 
     Args:
         protected: protected dataset folder.
         key: its key file.
         output: new folder for the restored dataset (must not exist).
         progress: show a progress bar.
+        skip_damaged: restore every case whose delta is intact and leave out (image and label) each case whose
+            delta is damaged, instead of refusing the key.
 
     Returns:
-        Summary with ``output``, ``cases`` and ``restored`` (number of images whose perturbation was removed).
+        Summary with ``output``, ``cases``, ``restored`` (number of images whose perturbation was removed),
+        ``skipped`` (case ids left out), ``problems`` (a line per case left out) and ``warnings`` (a line per
+        other damaged part, such as ``protector.pt``, which restoring does not need).
 
     Raises:
         KeyMismatchError: the key does not belong to ``protected``, or a restored array fails its checksum.
-        InputError: ``output`` exists or lies inside ``protected``.
+        KeyDamagedError: the key is damaged (and ``skip_damaged`` is not set, or ``key.json`` is the damaged part).
+        InputError: ``output`` exists or lies inside ``protected``; a key that is not a monai-umed key.
     """
     from tqdm.auto import tqdm
 
@@ -194,32 +443,36 @@ def restore_dataset(protected: str | os.PathLike, key: str | os.PathLike, output
     if out.is_relative_to(src):
         raise InputError("output must not lie inside the protected dataset", out)
     record = verify_key(src, key)
+    damaged, others = _damaged_parts(key, record)
+    if (damaged or others) and not skip_damaged:
+        raise KeyDamagedError(
+            f"the key is damaged: {len(damaged)} of {len(record['cases'])} cases cannot be restored"
+            + (" (and protector.pt, which restoring does not need)" if others else "")
+            + "; nothing was written: use another copy of the key, or --skip-damaged to restore every other case",
+            key, problems=[*damaged.values(), *others])
     stage = out.with_name(out.name + ".partial")
     if stage.exists():
         shutil.rmtree(stage)
     restored = 0
-    with zipfile.ZipFile(key) as z:
-        for case in tqdm(record["cases"], desc="restore", disable=not progress, unit="case"):
-            if case.get("label"):
-                copy_atomic(src / case["label"]["output"], stage / case["label"]["output"])
-            outputs = [f["output"] for f in case["files"]]
-            if not case["protected"]:
-                for f in outputs:
-                    copy_atomic(src / f, stage / f)
-                continue
-            paths = [str(src / f) for f in outputs]
-            arg = paths if case["fmt"] == "dicom" else paths[0]
-            codec = codec_for(arg)
-            image = codec.read(arg)
-            if array_sha256(image.array) != case["array_sha256_protected"]:
-                raise KeyMismatchError(f"key does not match this dataset: {outputs[0]} decodes differently", key)
-            original = decode_delta(image.array, z.read(case["delta"]))
-            if array_sha256(original) != case["array_sha256_source"]:
-                raise KeyMismatchError(f"restored array of {outputs[0]} fails its checksum", key)
-            targets = [str(stage / f) for f in outputs]
-            options = {"sop_instance_uids": case["sop_instance_uids"]} if case.get("sop_instance_uids") else {}
-            codec.write(arg, targets if case["fmt"] == "dicom" else targets[0], original, **options)
-            restored += 1
-    shutil.copyfile(src / "dataset.json", stage / "dataset.json")
+    try:
+        with zipfile.ZipFile(key) as z:
+            for i, case in enumerate(tqdm(record["cases"], desc="restore", disable=not progress, unit="case")):
+                if i in damaged:
+                    continue
+                try:
+                    restored += _restore_case(z, src, stage, case, key)
+                except _Damaged as e:
+                    damaged[i] = f"{_case_name(case)} ({case['delta']}) is damaged: {e}"
+                    if not skip_damaged:
+                        raise KeyDamagedError(f"the key is damaged; nothing was written: use another copy of the key, "
+                                              "or --skip-damaged to restore every other case", key,
+                                              problems=[damaged[i]]) from None
+        stage.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "dataset.json", stage / "dataset.json")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # nothing half-written that looks like a restore
+        raise
     os.replace(stage, out)
-    return {"output": str(out), "cases": len(record["cases"]), "restored": restored}
+    return {"output": str(out), "cases": len(record["cases"]), "restored": restored,
+            "skipped": [record["cases"][i]["case_id"] for i in sorted(damaged)],
+            "problems": [damaged[i] for i in sorted(damaged)], "warnings": others}

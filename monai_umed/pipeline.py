@@ -24,6 +24,10 @@ same staging and work folders; a fitted method is fitted once (by rank 0 alone, 
 protector supports it) and every rank protects with rank 0's fitted state; rank 0 alone writes manifest, datalist and
 key once every fragment exists. A failed rank stops every rank with an error naming it and leaves fragments that
 ``--resume`` (with any number of processes) completes.
+
+One run at a time: the run holds an advisory lock on ``OUT.lock`` (:class:`RunLock`) from setup to the end, so a
+second process on the same output is refused instead of racing. ``--resume`` of a run that already completed checks
+that its output and key match the settings and succeeds without redoing anything.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +46,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, runs are not guarded against each other
+    fcntl = None  # type: ignore[assignment]
+
 from monai_umed import __version__, distributed, protectors
 from monai_umed.data.datalist import Case, DatasetSpec, load_dataset
 from monai_umed.data.formats import ImageData, array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
-from monai_umed.errors import InputError
+from monai_umed.errors import InputError, KeyDamagedError
 from monai_umed.intensity import IntensityMapping, compute_mapping, parse_epsilon, quantise
-from monai_umed.key import encode_delta, fingerprint, write_key
+from monai_umed.key import check_key, encode_delta, fingerprint, read_key, write_key
 
-__all__ = ["protect_dataset", "default_key_path", "LoadedCase", "load_case"]
+__all__ = ["protect_dataset", "default_key_path", "LoadedCase", "load_case", "RunLock"]
 
 _CONFIG_KEYS = ("dataset", "method", "params", "split", "intensity", "new_uids", "cases")
 
@@ -139,6 +149,88 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=_json_default, allow_nan=True))
 
 
+def _config_diff(old: dict[str, Any], new: dict[str, Any], keys: Sequence[str] = _CONFIG_KEYS) -> list[str]:
+    """The settings among ``keys`` in which two run configurations differ."""
+    def text(config: dict[str, Any], k: str) -> str:
+        return json.dumps(config.get(k), default=_json_default)
+
+    return [k for k in keys if text(old, k) != text(new, k)]
+
+
+class RunLock:
+    """Advisory lock of one protection run: ``fcntl.flock`` on ``OUT.lock``, beside the staging folder ``OUT.partial``.
+
+    Taken (exclusive, without waiting) before anything of the run is written and held to its end; a second process
+    on the same output gets a one-line :class:`InputError` naming the holder. The kernel drops the lock when its
+    process exits or crashes, so a lock file left by a killed run does not block ``--resume``. The file lies beside
+    the staging folder, not in it, so that it never moves into ``OUT/``; :meth:`release` removes it, and
+    :meth:`acquire` checks that the file it locked is still the one at the path (a holder may remove it between
+    another process's ``open`` and ``flock``), retrying otherwise. Linux NFS clients map ``flock`` onto NFS byte-range
+    locks, so the lock also holds between machines that share the output folder.
+
+    Under ``torchrun`` the ranks of one run are one run: rank 0 alone takes the lock, in the setting-up phase, which
+    ends with a status exchange among all ranks (:func:`monai_umed.distributed.stage`). The other ranks therefore
+    write nothing until rank 0 holds it, and all of them stop, with rank 0's error, when another run holds it; rank 0
+    holds it until the key is written. Shared locks taken by every rank would not do: two different jobs would both
+    get them.
+
+    Args:
+        output: the run's output folder ``OUT``.
+    """
+
+    def __init__(self, output: str | os.PathLike) -> None:
+        self.output = Path(output)
+        self.path = self.output.with_name(self.output.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock (non-blocking) and record this process in the file.
+
+        Raises:
+            InputError: another process holds it.
+        """
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: held by another process
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+                os.close(fd)
+                raise InputError(f"another process ({holder or 'unknown'}) is running a protection into this output; "
+                                 f"wait for it to end or stop it (it holds {self.path.name})", self.output) from None
+            if self._is_current(fd):
+                break
+            os.close(fd)  # locked a file its holder had just removed: lock the one now at the path
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return self
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (removing first: a waiter then sees a stale file and retries)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 class _Job:
     """Paths and bookkeeping of one protection run (staging folder, work folder with fragments)."""
 
@@ -156,8 +248,7 @@ class _Job:
                 raise InputError(f"an interrupted run exists ({self.stage.name}, {self.work.name}); pass --resume to continue it or delete them", output)
             if not cfg_path.is_file():
                 raise InputError("cannot resume: the work folder has no config.json", self.work)
-            old = json.loads(cfg_path.read_text())
-            diff = [k for k in _CONFIG_KEYS if json.dumps(old.get(k), default=_json_default) != json.dumps(config.get(k), default=_json_default)]
+            diff = _config_diff(json.loads(cfg_path.read_text()), config)
             if diff:
                 raise InputError(f"cannot resume: the interrupted run used different {', '.join(diff)}", self.work)
         self.stage.mkdir(parents=True, exist_ok=True)
@@ -177,12 +268,42 @@ def _check_paths(spec: DatasetSpec, output: Path, key: Path, resume: bool) -> No
         raise InputError("output must not lie inside the input dataset", output)
     if root.is_relative_to(output):
         raise InputError("output must not contain the input dataset", output)
-    if output.exists():
-        raise InputError("output folder already exists" + (" (the run it came from is complete)" if resume else ""), output)
+    if output.exists() and not resume:  # --resume: rank 0 checks the finished run under the lock (_finished_run)
+        raise InputError("output folder already exists", output)
     if key.is_relative_to(output) or key.is_relative_to(root):
         raise InputError("the key must lie outside both the input dataset and the output folder", key)
     if key.exists() and not resume:
         raise InputError("key file already exists", key)
+
+
+def _finished_run(out: Path, key: Path, config: dict[str, Any], resume: bool, t0: float) -> dict[str, Any] | None:
+    """The summary of the complete run that ``--resume`` meets again, or None while ``out`` does not exist.
+
+    The run must have used the same settings (``config``) and its key must check out against ``out`` in full.
+
+    Raises:
+        InputError: ``out`` exists without ``--resume``, the run used other settings, or its key is missing.
+        KeyMismatchError: the key does not match the output, or is damaged (one line per problem).
+    """
+    if not out.exists():
+        return None
+    if not resume:
+        raise InputError("output folder already exists", out)
+    done = "output folder already exists (the run it came from is complete"
+    if not key.is_file():
+        raise InputError(f"{done}, but its key {key} is not there)", out)
+    record = read_key(key)
+    old = record.get("config")
+    if old is None:  # a key written before key.json recorded the run's settings
+        old = {**{k: record.get(k) for k in ("dataset", "method", "params", "split", "intensity")},
+               "cases": [c.get("case_id") for c in record["cases"]]}
+    diff = _config_diff(old, config, [k for k in _CONFIG_KEYS if k in old])
+    if diff:
+        raise InputError(f"{done}, with different {', '.join(diff)})", out)
+    check_key(out, key).raise_for_problems(key)
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    return {**summary, "output": str(out), "key": str(key), "manifest": str(out / "manifest.json"),
+            "seconds": time.time() - t0, "already_complete": True}
 
 
 def _select(spec: DatasetSpec, split: str) -> tuple[list[int], list[int]]:
@@ -227,8 +348,9 @@ def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tupl
         delta_n = delta_q / lc.mapping.scale(delta_q.ndim)
         roi_mask = None if lc.label is None else np.broadcast_to(lc.label.numpy() > 0, delta_q.shape)
         delta_name = f"deltas/{n:06d}.npz"
+        payload = encode_delta(src, protected)
         with atomic_path(job.cases_dir / f"{n:06d}.npz") as tmp:
-            tmp.write_bytes(encode_delta(src, protected))
+            tmp.write_bytes(payload)
         record = {
             "case_id": lc.case.case_id, "split": lc.case.split, "protected": True, "fmt": lc.image.fmt,
             "source": lc.case.image_files, "output": outs,
@@ -242,7 +364,7 @@ def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tupl
             "psnr_roi": _psnr(delta_n[roi_mask]) if roi_mask is not None and roi_mask.any() else None,
             "max_abs_delta": float(phys.max()) if phys.size else 0.0,
             "changed_fraction": float(np.count_nonzero(delta_q) / max(1, delta_q.size)),
-            "delta": delta_name,
+            "delta": delta_name, "delta_sha256": hashlib.sha256(payload).hexdigest(),
         }
         if written and written.get("sop_instance_uids") and new_uids:
             record["sop_instance_uids"] = [lc.image.extra.get("sop_instance_uids", [None])[i] for i in range(len(outs))]
@@ -315,23 +437,44 @@ def protect_dataset(
         InputError: any bad input (named file, one line); nothing is left that looks complete.
         RankFailedError: under ``torchrun``, another rank failed (an :class:`InputError` naming it).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     distributed.init_process_group(device)  # torchrun: join the job (gloo on CPU, NCCL on CUDA)
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    progress = progress and main
+    lock: RunLock | None = None
+    try:
+        with distributed.stage("setting up"):
+            spec, out, key_path, protector, protect_idx, copy_idx, config = _setup(
+                dataset, output, method, key, epsilon, epochs, params, split, device, seed, resume, protector,
+                intensity, new_uids)
+            finished, job = None, None
+            if main:
+                # rank 0 alone holds the run's lock, before any rank writes: see RunLock for why that is enough
+                lock = RunLock(out).acquire()
+                finished = _finished_run(out, key_path, config, resume, t0)
+                if finished is None:
+                    job = _Job(spec, out, key_path, config, resume)
+                    distributed.clear_abort(job.work)
+        finished = distributed.broadcast_object(finished)
+        if finished is not None:
+            return finished if world == 1 else {**finished, "rank": rank, "world_size": world}
+        if job is None:
+            job = _Job(spec, out, key_path, config, resume, create=False)
+        return _run(job, protector, protect_idx, copy_idx, intensity, new_uids, batch_size, progress and main, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(job: _Job, protector: protectors.Protector, protect_idx: list[int], copy_idx: list[int], intensity: str,
+         new_uids: bool, batch_size: int, progress: bool, t0: float) -> dict[str, Any]:
+    """Fit (once), protect this rank's share of the unfinished cases, and finalise (rank 0): the job after setup."""
+    from tqdm.auto import tqdm
+
+    spec = job.spec
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
     hint = "finished cases are kept: fix the cause and rerun with --resume"
-    with distributed.stage("setting up"):
-        spec, out, key_path, protector, protect_idx, copy_idx, config = _setup(
-            dataset, output, method, key, epsilon, epochs, params, split, device, seed, resume, protector, intensity,
-            new_uids)
-        job = _Job(spec, out, key_path, config, resume) if main else None
-        if main:
-            distributed.clear_abort(job.work)
-    if job is None:
-        job = _Job(spec, out, key_path, config, resume, create=False)
 
     # fit on the training cases being protected (never on test), once; the state survives an interruption
     state_path = job.work / "protector.pt"
@@ -421,6 +564,22 @@ def _setup(dataset: Any, output: Any, method: str, key: Any, epsilon: float | st
     return spec, out, key_path, protector, protect_idx, copy_idx, config
 
 
+def _fragment_delta(job: _Job, record: dict[str, Any]) -> bytes:
+    """A finished case's delta from the work folder, checked against the sha256 taken when it was written (fragments
+    of an older version have none: it is added to the record here).
+
+    Raises:
+        KeyDamagedError: the fragment's delta changed on disk since it was written.
+    """
+    path = job.cases_dir / Path(record["delta"]).name
+    payload = path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if record.setdefault("delta_sha256", digest) != digest:
+        raise KeyDamagedError(f"the delta of case {record['case_id']!r} is damaged on disk; delete "
+                              f"{path.with_suffix('.json').name} and rerun with --resume to protect it again", path)
+    return payload
+
+
 def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str, Any]:
     records = [json.loads(job.fragment(i).read_text()) for i in range(len(job.spec.cases))]
     new_paths = {s: o for r in records for s, o in zip(r["source"], r["output"])}
@@ -437,7 +596,7 @@ def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str
         "max_abs_delta": max((r["max_abs_delta"] for r in protected), default=0.0),
         "jpeg_as_png": sum(1 for r in protected if r["fmt"] == "jpeg"),
     }
-    manifest_cases = [{k: v for k, v in r.items() if k not in ("delta", "mapping")}
+    manifest_cases = [{k: v for k, v in r.items() if k not in ("delta", "delta_sha256", "mapping")}
                       | {"method": protector.name, "params": summary["params"]} for r in records]
     _write_json(job.stage / "manifest.json", {"summary": summary, "cases": manifest_cases})
     files = [f for r in records for f in r["files"]] + [r["label"] for r in records if r["label"]]
@@ -450,8 +609,10 @@ def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str
             torch.save(protector.state_dict(), buf)
             state = buf.getvalue()
     record = {**summary, "fingerprint": fingerprint(files), "datalist": datalist,
-              "cases": records, "manifest": files[-1]}
-    write_key(job.key, record, (((r["delta"]), (job.cases_dir / Path(r["delta"]).name).read_bytes()) for r in protected), state)
+              "cases": records, "manifest": files[-1], "config": job.config}
+    for r in protected:  # every delta checked (and its sha256 recorded) before key.json is written
+        _fragment_delta(job, r)
+    write_key(job.key, record, ((r["delta"], _fragment_delta(job, r)) for r in protected), state)
     os.replace(job.stage, job.output)
     shutil.rmtree(job.work, ignore_errors=True)
     return {**summary, "output": str(job.output), "key": str(job.key), "manifest": str(job.output / "manifest.json"),
