@@ -17,7 +17,10 @@ Kvasir-SEG trainer typically uses). What reaches the file is
     ``delta = clamp(upsample(d), -limit, limit)``, written as ``quantise(x + delta)``
 
 with ``limit`` the case's budget map at native resolution (0 outside the footprint, whole grey levels for 8-bit
-data, so the rounded perturbation never leaves it). Min-min (Huang et al., ICLR 2021), run *through*
+data, so the rounded perturbation never leaves it) and, optionally, a per-case energy budget (the largest mean
+squared change, i.e. a PSNR floor): after every step ``d`` is scaled down until the native perturbation's energy fits
+(:meth:`ReleaseRefiner.project_energy`), so the optimiser decides *where* the energy goes instead of a worst-case
+scaling of the whole map. Min-min (Huang et al., ICLR 2021), run *through*
 :class:`~monai_umed.protectors.release.ReleasePath`: each round trains the surrogate for ``surrogate_epochs`` passes
 on the victim's view of the written images, then runs ``pgd_steps`` sign-descent steps of ``step_fraction * limit``
 on every case against the frozen surrogate, each step through a fresh random view (expectation over grids, flips,
@@ -118,6 +121,17 @@ class ReleaseRefiner:
 
     # -- the written image --------------------------------------------------------------------------------------------
     @staticmethod
+    def project_energy(d: torch.Tensor, limit: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor:
+        """Scale each case's ``d`` so that its native perturbation's mean squared value is at most ``energy``
+        (B values; None: no energy budget). Scaling ``d`` by ``f <= 1`` scales the clamped native perturbation by at
+        most ``f``, so one step suffices."""
+        if energy is None:
+            return d
+        mse = ReleaseRefiner.native_delta(d, limit).double().pow(2).flatten(1).mean(1)
+        f = torch.sqrt(energy.double() / mse.clamp_min(1e-30)).clamp(max=1.0).to(d.dtype)
+        return d * f.view(-1, *([1] * (d.ndim - 1)))
+
+    @staticmethod
     def native_delta(d: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
         """``clamp(upsample(d), -limit, limit)`` for a batch (``limit`` B x C x native spatial)."""
         up = upsample(d, limit.shape[2:])
@@ -155,6 +169,7 @@ class ReleaseRefiner:
         case_ids: Sequence[str],
         checkpoint: str | os.PathLike | None = None,
         log: Callable[[str], None] | None = None,
+        energies: Sequence[float] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Refine one work-grid perturbation per case.
 
@@ -165,6 +180,7 @@ class ReleaseRefiner:
             case_ids: unique case identifiers.
             checkpoint: file for the state after every round; an existing one is resumed.
             log: called with one line per round (training Dice and losses).
+            energies: per-case largest mean squared perturbation (normalised units; None: the map alone bounds it).
 
         Returns:
             ``case_id -> work-grid perturbation`` (float16, C x work spatial).
@@ -187,6 +203,7 @@ class ReleaseRefiner:
         if self.history and self.history[-1]["dice"] >= st.stop_dice:
             return self.deltas
         y_all = [torch.as_tensor(y).long() for y in labels]
+        e_all = None if energies is None else torch.as_tensor([float(e) for e in energies], dtype=torch.float64)
         for r in range(start, st.rounds):
             g = torch.Generator().manual_seed(case_seed(self.seed, f"refine-round-{r}"))
             dice_sum, loss_sum, n = 0.0, 0.0, 0
@@ -207,7 +224,8 @@ class ReleaseRefiner:
                     for idx in self._batches(shapes, g):
                         x, y, lim = self._stack(images, idx), self._stack(y_all, idx), self._stack(limits, idx)
                         d = torch.stack([self.deltas[case_ids[i]] for i in idx]).float().to(x.device)
-                        d, pl = self._descend(x, y, d, lim, g, st.pgd_steps)
+                        e = None if e_all is None else e_all[idx].to(x.device)
+                        d, pl = self._descend(x, y, d, lim, g, st.pgd_steps, e)
                         for j, i in enumerate(idx):
                             self.deltas[case_ids[i]] = d[j].detach().cpu().to(torch.float16)
                         pgd_sum, m = pgd_sum + pl * len(idx), m + len(idx)
@@ -236,8 +254,9 @@ class ReleaseRefiner:
         dice = float(2 * (fg_p & fg_t & (pred == y)).sum() / (fg_p.sum() + fg_t.sum()).clamp_min(1))
         return float(loss.detach()), dice
 
-    def _descend(self, x, y, d, lim, g, steps) -> tuple[torch.Tensor, float]:
-        """``steps`` sign-descent steps of the surrogate's loss, each through a fresh random view."""
+    def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, float]:
+        """``steps`` sign-descent steps of the surrogate's loss, each through a fresh random view, projected on
+        the budget map and the energy budget."""
         alpha = upsample_limit(lim, d.shape[2:]) * self.settings.step_fraction
         bound = upsample_limit(lim, d.shape[2:])
         total = 0.0
@@ -248,11 +267,13 @@ class ReleaseRefiner:
             (grad,) = torch.autograd.grad(loss, d)
             with torch.no_grad():
                 d = torch.maximum(torch.minimum(d - alpha * grad.sign(), bound), -bound)
+                d = self.project_energy(d, lim, energy)
             total += float(loss.detach())
         return d.detach(), total / max(steps, 1)
 
     def refine_case(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor, case_id: str,
-                    init: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
+                    init: torch.Tensor | None = None, steps: int | None = None,
+                    energy: float | None = None) -> torch.Tensor:
         """Optimise one (unseen) case against the frozen surrogate; returns its work-grid perturbation."""
         st = self.settings
         n = st.unseen_steps if steps is None else int(steps)
@@ -266,7 +287,8 @@ class ReleaseRefiner:
         self.surrogate.model.eval()
         self.surrogate.model.requires_grad_(False)
         try:
-            d, _ = self._descend(x, y, d, lim, g, n)
+            e = None if energy is None else torch.tensor([float(energy)], dtype=torch.float64, device=dev)
+            d, _ = self._descend(x, y, d, lim, g, n, e)
         finally:
             self.surrogate.model.requires_grad_(True)
         return d[0].cpu()

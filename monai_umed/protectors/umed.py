@@ -409,21 +409,22 @@ class UMedProtector(Protector):
         return stats, scale
 
     def _case_maps(
-        self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None
+        self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None, full: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-case maps at native resolution, all on the CPU: ``(M_c, M_roi, a_c, a_t, limit)``.
 
         ``delta = clamp(a_c * tanh(F_c) + a_t * tanh(F_t), -limit, limit)`` with ``a_c = s * eps_c * M_c``,
         ``a_t = s * eps_t * B * M_roi`` and ``limit`` = ``s * eps_c`` on the band, ``s * eps_t * B`` elsewhere in
         the ROI, 0 outside. ``s <= 1`` is the per-case energy scale that keeps the whole-image PSNR of the largest
-        admissible perturbation at ``min_psnr`` or above; with ``quantise_levels`` the limit is floored to whole
-        grey levels, so the written (rounded) perturbation stays inside it.
+        admissible perturbation at ``min_psnr`` or above (``full``: ``s = 1``, the refinement's map, whose energy is
+        bounded separately); with ``quantise_levels`` the limit is floored to whole grey levels, so the written
+        (rounded) perturbation stays inside it.
         """
         img = torch.as_tensor(image).detach().cpu().float()
         lab = torch.as_tensor(label).detach().cpu()
         m_c, m_roi = self._regions(image, lab, spacing)
         stats, scale = self._case_stats(img, lab, m_c, m_roi)
-        return (m_c, m_roi) + self._maps(img, lab, m_c, m_roi, stats, scale)
+        return (m_c, m_roi) + self._maps(img, lab, m_c, m_roi, stats, 1.0 if full else scale)
 
     @staticmethod
     def _combine(
@@ -784,7 +785,7 @@ class UMedProtector(Protector):
             img = torch.as_tensor(s["image"]).detach().float().cpu()
             lab = torch.as_tensor(s["label"]).detach().long().cpu()
             m_c, m_roi = self._regions(img, lab, info["spacing"])
-            limits.append(self._maps(img, lab, m_c, m_roi, info["stats"], info["scale"])[2])
+            limits.append(self._maps(img, lab, m_c, m_roi, info["stats"], 1.0)[2])
             images.append(img)
             labels.append(lab)
             ids.append(str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}"))
@@ -793,7 +794,8 @@ class UMedProtector(Protector):
         self.refiner = self._new_refiner(sd, channels, num_classes)
         log = (lambda line: tqdm.write(f"umed refine: {line}")) if progress else None
         ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
-        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log)
+        energies = None if self.min_psnr is None else [10.0 ** (-self.min_psnr / 10.0)] * len(ids)
+        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies)
 
     # -- protection ------------------------------------------------------------------------------------------------
     def perturbation(
@@ -853,7 +855,8 @@ class UMedProtector(Protector):
                     deltas = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
                 if self.refiner is not None:
                     for k, i in enumerate(chunk):
-                        deltas[k] = self._refined(x[k], limit[k], deltas[k], labels[i], case_ids[i])
+                        full = self._case_maps(images[i], labels[i], full=True)[4].to(self.device)
+                        deltas[k] = self._refined(x[k], full, deltas[k], labels[i], case_ids[i])
                 for k, i in enumerate(chunk):
                     dev = images[i].device if torch.is_tensor(images[i]) else torch.device("cpu")
                     out[i] = deltas[k].float().to(dev)
@@ -862,9 +865,11 @@ class UMedProtector(Protector):
     def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
                  case_id: str | None) -> torch.Tensor:
         """A case's refined perturbation: the stored one for a training case; for an unseen case the generators'
-        output, refined for ``refine_steps`` steps against the refinement surrogate when asked to."""
+        output, refined for ``refine_steps`` steps against the refinement surrogate when asked to. ``limit`` is the
+        full (unscaled) budget map; the energy is capped by :meth:`_cap_energy`."""
         assert self.refiner is not None
         cid = None if case_id is None else str(case_id)
+        energy = None if self.min_psnr is None else 10.0 ** (-self.min_psnr / 10.0)
         if cid is not None and cid in self.refiner.deltas:
             d = self.refiner.deltas[cid].float().to(x.device)
         elif self.refine_steps > 0:
@@ -873,17 +878,40 @@ class UMedProtector(Protector):
             shape = work_grid(x.shape[1:], self.refiner.settings.work_size)
             init = F.interpolate(generated[None].float(), size=shape, mode="area")[0]
             with torch.enable_grad():
-                d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", init=init).to(x.device)
+                d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", init=init,
+                                             energy=energy).to(x.device)
         else:
             return generated
         delta = ReleaseRefiner.native_delta(d[None], limit[None])[0]
-        return (x + delta).clamp(0.0, 1.0) - x
+        return self._cap_energy(x, delta, energy)
+
+    def _cap_energy(self, x: torch.Tensor, delta: torch.Tensor, energy: float | None) -> torch.Tensor:
+        """The perturbation as it will be written (rounded to the data's grey levels and clipped to ``[0, 1]``),
+        scaled down until its mean squared value is at most ``energy``: the per-case PSNR floor ``min_psnr`` holds on
+        the file, not only before rounding."""
+        levels = self._levels_resolved
+
+        def written(d: torch.Tensor) -> torch.Tensor:
+            xp = (x + d).clamp(0.0, 1.0)
+            return (torch.round(xp * levels) / levels if levels else xp) - x
+
+        out = written(delta)
+        if energy is None:
+            return out
+        for _ in range(50):
+            mse = float(out.double().pow(2).mean())
+            if mse <= energy:
+                break
+            delta = delta * (math.sqrt(energy / mse) * 0.995)
+            out = written(delta)
+        return out
 
     def budget(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
         """The voxel-wise L-inf budget of a case: ``eps_c`` on the band, ``eps_t * B`` elsewhere in the ROI, 0
-        outside, times the case's ``min_psnr`` scale and floored to whole grey levels for 8-bit data."""
+        outside, floored to whole grey levels for 8-bit data; without refinement also times the case's ``min_psnr``
+        scale (with refinement ``min_psnr`` bounds the written perturbation's energy instead)."""
         self._set_spatial_dims(image)
-        return self._case_maps(image, label, spacing)[4]
+        return self._case_maps(image, label, spacing, full=self.refiner is not None)[4]
 
     # -- state -----------------------------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
