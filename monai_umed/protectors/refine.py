@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_umed.protectors.base import case_seed
-from monai_umed.protectors.release import ReleasePath, quantise_st
+from monai_umed.protectors.release import ReleasePath, linear_resize, quantise_st
 from monai_umed.protectors.surrogate import Surrogate, pad_to_multiple
 
 __all__ = ["RefineSettings", "ReleaseRefiner", "work_grid"]
@@ -61,10 +61,7 @@ def work_grid(shape: Sequence[int], size: int | None) -> tuple[int, ...]:
 
 def upsample(d: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """(Bi/tri)linear upsampling of a batch of work-grid perturbations to the file's grid (keeps min/max)."""
-    if tuple(d.shape[2:]) == tuple(shape):
-        return d
-    mode = "bilinear" if d.ndim == 4 else "trilinear"
-    return F.interpolate(d, size=tuple(shape), mode=mode, align_corners=False)
+    return linear_resize(d, shape, antialias=False)
 
 
 @dataclass
