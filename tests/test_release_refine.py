@@ -154,3 +154,18 @@ def test_paper_protocol_adds_exactly_the_float_perturbation(tmp_path):
         assert np.array_equal(item["image"], (lc.tensor + d).clamp(0, 1).numpy().astype(np.float32))
         # float, not rounded to the file's grey levels
         assert not np.allclose(item["image"] * 255, np.round(item["image"] * 255))
+
+
+def test_distilled_generators_protect_unseen_volumes_larger_than_their_patch():
+    samples = _samples(n=3, size=24, sd=3)
+    p = UMedProtector(epochs=1, batch_size=2, refine_rounds=1, refine_pgd=1, distil_epochs=3, patch_size=12,
+                      seed=0).fit(samples, progress=False)
+    distil = [h["distil_loss"] for h in p.history if str(h.get("epoch", "")).startswith("distil")]
+    assert len(distil) == 3 and distil[-1] < distil[0]  # the generators learn the refined perturbations
+    big = _samples(n=1, size=40, sd=3)[0]  # larger than the sliding window (twice the patch at generator scale)
+    assert any(n > r for n, r in zip(big["image"].shape[1:], p._sw_roi()))
+    with torch.no_grad():
+        d = p.perturbation(big["image"], big["label"], case_id="unseen-volume")
+    limit = p.budget(big["image"], big["label"])
+    assert d.shape == big["image"].shape and torch.all(d.abs() <= limit + 1e-6)
+    assert float(psnr(d[None])) >= 50.0 - 1e-6  # the energy cap holds for unseen cases too

@@ -79,9 +79,9 @@ from tqdm.auto import tqdm
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
-from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner
-from monai_umed.protectors.release import ReleasePath
+from monai_umed.protectors.refine import ReleaseRefiner
 from monai_umed.protectors.surrogate import Surrogate, augment_pair
+from monai_umed.protectors.umed_release import UMedReleaseStage
 
 __all__ = ["UMedProtector"]
 
@@ -120,7 +120,7 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-class UMedProtector(Protector):
+class UMedProtector(UMedReleaseStage, Protector):
     """Contour- and texture-aware perturbation generators fitted by min-min (UMed); see the module docstring.
 
     Args:
@@ -166,6 +166,8 @@ class UMedProtector(Protector):
         refine_stop: stop refining when the refinement surrogate's training Dice over a round reaches this.
         refine_size: longest side of the refinement work grid (``auto``: 128 in 2D, native in 3D).
         refine_steps: refinement PGD steps for a case not seen in fit, on top of the generators' output.
+        distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
+            patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
             ``(128, 256)`` in 2D, the native grid in 3D; ``none``: native).
         release_normalise: the trainer's intensity normalisation in the release path (``auto``: ``minmax`` in 2D,
@@ -220,6 +222,7 @@ class UMedProtector(Protector):
         refine_stop: float = 0.95,
         refine_size: int | str | None = "auto",
         refine_steps: int = 0,
+        distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
         release_jitter: float = 0.0,
@@ -285,6 +288,9 @@ class UMedProtector(Protector):
         self.refine_size: Any = "auto" if refine_size == "auto" else (
             None if refine_size in (None, "", "none") else int(refine_size))
         self.refine_steps = int(refine_steps)
+        self.distil_epochs = int(distil_epochs)
+        if self.distil_epochs < 0 or self.refine_steps < 0:
+            raise ValueError("distil_epochs and refine_steps must be >= 0")
         if isinstance(victim_grids, str) and victim_grids.lower() == "auto":
             self.victim_grids: Any = "auto"
         else:
@@ -324,24 +330,6 @@ class UMedProtector(Protector):
         if self.resize_aug == "auto":
             return (0.3, 0.6) if self._sd() == 2 else None
         return self.resize_aug
-
-    def _refine_settings(self, sd: int) -> RefineSettings:
-        size = (128 if sd == 2 else None) if self.refine_size == "auto" else self.refine_size
-        rounds = 20 if self.refine_rounds is None else self.refine_rounds
-        return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
-                              stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
-                              unseen_steps=self.refine_steps)
-
-    def _release_path(self, sd: int) -> ReleasePath:
-        grids = ((128, 256) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
-        norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
-        return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter)
-
-    def _new_refiner(self, sd: int, channels: int, num_classes: int) -> ReleaseRefiner:
-        sur = Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
-                        device=self.device, seed=case_seed(self.seed, "umed-refine") % (2**31))
-        return ReleaseRefiner(sur, self._release_path(sd), self._refine_settings(sd),
-                              levels=self._levels_resolved or None, seed=self.seed)
 
     def _patch(self, max_shape: Sequence[int]) -> tuple[int, ...]:
         sd = self._sd()
@@ -549,7 +537,8 @@ class UMedProtector(Protector):
         Masks and budgets are computed on the crop plus a margin, with the whole image's texture statistics and
         energy scale, so they equal the whole-image maps used when protecting.
         """
-        cols: list[list[torch.Tensor]] = [[] for _ in range(7)]
+        extra = "target" in samples[indices[0]]  # a per-voxel target to crop alongside (distillation)
+        cols: list[list[torch.Tensor]] = [[] for _ in range(8 if extra else 7)]
         for i in indices:
             s = samples[i]
             img = torch.as_tensor(s["image"]).detach().float().cpu()
@@ -572,6 +561,8 @@ class UMedProtector(Protector):
             e_img, e_lab = img[ext], lab[ext]
             m_c, m_roi = self._regions(e_img, e_lab, info["spacing"])
             maps = (e_img, e_lab, m_c, m_roi) + self._maps(e_img, e_lab, m_c, m_roi, info["stats"], info["scale"])
+            if extra:
+                maps = maps + (torch.as_tensor(s["target"]).detach().float().cpu()[ext],)
             inner = (slice(None),) + tuple(slice(a - e, b - e) for a, b, e in zip(start, stop, ext0))
             dst = (slice(None),) + tuple(slice(0, b - a) for a, b in zip(start, stop))
             for col, t in zip(cols, maps):
@@ -769,33 +760,9 @@ class UMedProtector(Protector):
                 _atomic_save(self._checkpoint_state(sur, opt, epoch), checkpoint)
             done = rec["dice"] > self.stop_dice
         bar.close()
-        self._refine(samples, cache, channels, num_classes, checkpoint, progress)
+        self._refine(samples, cache, channels, num_classes, patch, checkpoint, progress)
         self.fitted = True
         return self
-
-    def _refine(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]], channels: int,
-                num_classes: int, checkpoint: str | os.PathLike | None, progress: bool) -> None:
-        """The per-case refinement through the release path inside each case's budget map (``refine_rounds``)."""
-        sd = self._sd()
-        self.refiner = None
-        if self._refine_settings(sd).rounds <= 0:
-            return
-        images, labels, limits, ids = [], [], [], []
-        for i, (s, info) in enumerate(zip(samples, cache)):
-            img = torch.as_tensor(s["image"]).detach().float().cpu()
-            lab = torch.as_tensor(s["label"]).detach().long().cpu()
-            m_c, m_roi = self._regions(img, lab, info["spacing"])
-            limits.append(self._maps(img, lab, m_c, m_roi, info["stats"], 1.0)[2])
-            images.append(img)
-            labels.append(lab)
-            ids.append(str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}"))
-        if len(set(ids)) != len(ids):
-            raise ValueError("UMed refinement needs unique case ids")
-        self.refiner = self._new_refiner(sd, channels, num_classes)
-        log = (lambda line: tqdm.write(f"umed refine: {line}")) if progress else None
-        ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
-        energies = None if self.min_psnr is None else [10.0 ** (-self.min_psnr / 10.0)] * len(ids)
-        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies)
 
     # -- protection ------------------------------------------------------------------------------------------------
     def perturbation(
@@ -828,7 +795,7 @@ class UMedProtector(Protector):
             self._check_inputs(img, lab)
             if int(img.shape[0]) != self.in_channels:
                 raise ValueError(f"UMed was fitted on {self.in_channels}-channel images, got {img.shape[0]} channels")
-            prepared.append(self._case_maps(img, lab))
+            prepared.append(self._case_maps(img, lab, full=self.refiner is not None))
         self.gen_c.eval(), self.gen_t.eval()
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -853,58 +820,13 @@ class UMedProtector(Protector):
                     else:
                         raw_c, raw_t = self._raw(inp, shape[1:], sliding=sliding)
                     deltas = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
-                if self.refiner is not None:
+                if self.refiner is not None:  # the release stage: refined, distilled, energy-capped
                     for k, i in enumerate(chunk):
-                        full = self._case_maps(images[i], labels[i], full=True)[4].to(self.device)
-                        deltas[k] = self._refined(x[k], full, deltas[k], labels[i], case_ids[i])
+                        deltas[k] = self._refined(x[k], limit[k], deltas[k], labels[i], case_ids[i])
                 for k, i in enumerate(chunk):
                     dev = images[i].device if torch.is_tensor(images[i]) else torch.device("cpu")
                     out[i] = deltas[k].float().to(dev)
         return [o for o in out if o is not None]
-
-    def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
-                 case_id: str | None) -> torch.Tensor:
-        """A case's refined perturbation: the stored one for a training case; for an unseen case the generators'
-        output, refined for ``refine_steps`` steps against the refinement surrogate when asked to. ``limit`` is the
-        full (unscaled) budget map; the energy is capped by :meth:`_cap_energy`."""
-        assert self.refiner is not None
-        cid = None if case_id is None else str(case_id)
-        energy = None if self.min_psnr is None else 10.0 ** (-self.min_psnr / 10.0)
-        if cid is not None and cid in self.refiner.deltas:
-            d = self.refiner.deltas[cid].float().to(x.device)
-        elif self.refine_steps > 0:
-            from monai_umed.protectors.refine import work_grid
-
-            shape = work_grid(x.shape[1:], self.refiner.settings.work_size)
-            init = F.interpolate(generated[None].float(), size=shape, mode="area")[0]
-            with torch.enable_grad():
-                d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", init=init,
-                                             energy=energy).to(x.device)
-        else:
-            return generated
-        delta = ReleaseRefiner.native_delta(d[None], limit[None])[0]
-        return self._cap_energy(x, delta, energy)
-
-    def _cap_energy(self, x: torch.Tensor, delta: torch.Tensor, energy: float | None) -> torch.Tensor:
-        """The perturbation as it will be written (rounded to the data's grey levels and clipped to ``[0, 1]``),
-        scaled down until its mean squared value is at most ``energy``: the per-case PSNR floor ``min_psnr`` holds on
-        the file, not only before rounding."""
-        levels = self._levels_resolved
-
-        def written(d: torch.Tensor) -> torch.Tensor:
-            xp = (x + d).clamp(0.0, 1.0)
-            return (torch.round(xp * levels) / levels if levels else xp) - x
-
-        out = written(delta)
-        if energy is None:
-            return out
-        for _ in range(50):
-            mse = float(out.double().pow(2).mean())
-            if mse <= energy:
-                break
-            delta = delta * (math.sqrt(energy / mse) * 0.995)
-            out = written(delta)
-        return out
 
     def budget(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
         """The voxel-wise L-inf budget of a case: ``eps_c`` on the band, ``eps_t * B`` elsewhere in the ROI, 0
@@ -950,6 +872,7 @@ class UMedProtector(Protector):
             "refine_stop": self.refine_stop,
             "refine_size": self.refine_size,
             "refine_steps": self.refine_steps,
+            "distil_epochs": self.distil_epochs,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,

@@ -1,0 +1,183 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""UMed's release stage: per-case refinement through the release path, energy cap, and generator distillation.
+
+UMed's generators alone do not survive what a trainer does with the released files (rounding, anti-aliased
+resizing, augmentation; docs/methods.md). After the generators are fitted, this stage
+
+1. refines one perturbation per training case by error-minimising min-min *through* the release path
+   (:class:`~monai_umed.protectors.refine.ReleaseRefiner`), inside the case's full UMed budget map (``eps_c`` on the
+   contour band, ``eps_t * B`` in the ROI) and under a per-case energy budget from ``min_psnr``;
+2. distils the generators from the refined perturbations (``distil_epochs`` of regression on training patches), so
+   that a case not seen in ``fit`` gets a perturbation of the same kind in one forward pass, optionally refined for
+   ``refine_steps`` PGD steps against the stage's surrogate;
+3. caps the energy of what is written (:meth:`UMedReleaseStage._cap_energy`): the perturbation is rounded to the
+   data's grey levels and scaled down until its PSNR is at least ``min_psnr``, case by case, on the file itself.
+
+The mixin relies on :class:`~monai_umed.protectors.umed.UMedProtector`'s maps, generators and patch sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from monai_umed.protectors.base import case_seed
+from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner, work_grid
+from monai_umed.protectors.release import ReleasePath
+from monai_umed.protectors.surrogate import Surrogate
+
+__all__ = ["UMedReleaseStage"]
+
+
+class UMedReleaseStage:
+    """Mixin of :class:`~monai_umed.protectors.umed.UMedProtector`: the refinement, distillation and energy cap."""
+
+    refiner: ReleaseRefiner | None
+
+    # -- settings ---------------------------------------------------------------------------------------------------
+    def _refine_settings(self, sd: int) -> RefineSettings:
+        size = (128 if sd == 2 else None) if self.refine_size == "auto" else self.refine_size
+        rounds = 20 if self.refine_rounds is None else self.refine_rounds
+        return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
+                              stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
+                              unseen_steps=self.refine_steps)
+
+    def _release_path(self, sd: int) -> ReleasePath:
+        grids = ((128, 256) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
+        norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
+        return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter)
+
+    def _new_refiner(self, sd: int, channels: int, num_classes: int) -> ReleaseRefiner:
+        sur = Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
+                        device=self.device, seed=case_seed(self.seed, "umed-refine") % (2**31))
+        return ReleaseRefiner(sur, self._release_path(sd), self._refine_settings(sd),
+                              levels=self._levels_resolved or None, seed=self.seed)
+
+    def _energy(self) -> float | None:
+        """The largest mean squared perturbation of a case (``min_psnr``), normalised units."""
+        return None if self.min_psnr is None else 10.0 ** (-self.min_psnr / 10.0)
+
+    # -- fitting ----------------------------------------------------------------------------------------------------
+    def _refine(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]], channels: int,
+                num_classes: int, patch: tuple[int, ...], checkpoint: str | os.PathLike | None,
+                progress: bool) -> None:
+        """Refine every training case (``refine_rounds``), then distil the generators (``distil_epochs``)."""
+        sd = self._sd()
+        self.refiner = None
+        if self._refine_settings(sd).rounds <= 0:
+            return
+        images, labels, limits, ids = [], [], [], []
+        for i, (s, info) in enumerate(zip(samples, cache)):
+            img = torch.as_tensor(s["image"]).detach().float().cpu()
+            lab = torch.as_tensor(s["label"]).detach().long().cpu()
+            m_c, m_roi = self._regions(img, lab, info["spacing"])
+            limits.append(self._maps(img, lab, m_c, m_roi, info["stats"], 1.0)[2])
+            images.append(img)
+            labels.append(lab)
+            ids.append(str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}"))
+        if len(set(ids)) != len(ids):
+            raise ValueError("UMed refinement needs unique case ids")
+        self.refiner = self._new_refiner(sd, channels, num_classes)
+        log = (lambda line: tqdm.write(f"umed refine: {line}")) if progress else None
+        ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
+        energy = self._energy()
+        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log,
+                         energies=None if energy is None else [energy] * len(ids))
+        if self.distil_epochs > 0:
+            targets = []
+            for x, lim, cid in zip(images, limits, ids):
+                d = ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0]
+                targets.append(self._cap_energy(x, d, energy))
+            self._distil(samples, cache, targets, patch, progress)
+
+    def _distil(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]],
+                targets: Sequence[torch.Tensor], patch: tuple[int, ...], progress: bool) -> None:
+        """Regress the generators' perturbation (full budget maps) on the refined ones, on training patches."""
+        assert self.gen_c is not None and self.gen_t is not None
+        nets = [n for n, used in ((self.gen_c, self.mode != "texture"), (self.gen_t, self.mode != "contour")) if used]
+        opt = torch.optim.Adam([p for n in nets for p in n.parameters()], lr=self.lr)
+        full = [{**c, "scale": 1.0} for c in cache]  # the refinement's maps: the energy is capped afterwards
+        with_target = [{**s, "target": t} for s, t in zip(samples, targets)]
+        n = len(samples)
+        scale = max(self.epsilon_c, self.epsilon_t, 1e-8)
+        for epoch in tqdm(range(self.distil_epochs), desc="umed distil", disable=not progress):
+            g = torch.Generator().manual_seed(case_seed(self.seed, f"umed-distil-{epoch}"))
+            order = torch.randperm(n, generator=g).tolist()
+            losses = []
+            for i in range(0, n, self.batch_size):
+                x, y, m_c, m_roi, a_c, a_t, limit, target = self._sample_batch(
+                    with_target, full, order[i: i + self.batch_size], patch, g)
+                for net in nets:
+                    net.train()
+                raw_c, raw_t = self._raw(self._gen_inputs(x, m_c, m_roi), x.shape[2:])
+                delta = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
+                loss = ((delta - target) / scale).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            self.history.append({"epoch": f"distil-{epoch}", "distil_loss": sum(losses) / max(len(losses), 1)})
+
+    # -- protection -------------------------------------------------------------------------------------------------
+    def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
+                 case_id: str | None) -> torch.Tensor:
+        """A case's perturbation in the release stage: the refined one for a training case; for an unseen case the
+        (distilled) generators' output, refined for ``refine_steps`` steps when asked to; energy-capped.
+
+        Args:
+            x: C x spatial image.
+            limit: its full (unscaled) budget map.
+            generated: the generators' perturbation of the case (full maps).
+            label: 1 x spatial labels.
+            case_id: the case.
+        """
+        assert self.refiner is not None
+        cid = None if case_id is None else str(case_id)
+        energy = self._energy()
+        if cid is not None and cid in self.refiner.deltas:
+            d = self.refiner.deltas[cid].float().to(x.device)
+        elif self.refine_steps > 0:
+            shape = work_grid(x.shape[1:], self.refiner.settings.work_size)
+            init = F.interpolate(generated[None].float(), size=shape, mode="area")[0]
+            with torch.enable_grad():
+                d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", init=init,
+                                             energy=energy).to(x.device)
+        else:
+            return self._cap_energy(x, generated, energy)
+        return self._cap_energy(x, ReleaseRefiner.native_delta(d[None], limit[None])[0], energy)
+
+    def _cap_energy(self, x: torch.Tensor, delta: torch.Tensor, energy: float | None) -> torch.Tensor:
+        """The perturbation as it will be written (rounded to the data's grey levels and clipped to ``[0, 1]``),
+        scaled down until its mean squared value is at most ``energy``: the per-case PSNR floor ``min_psnr`` holds on
+        the file, not only before rounding."""
+        levels = self._levels_resolved
+
+        def written(d: torch.Tensor) -> torch.Tensor:
+            xp = (x + d).clamp(0.0, 1.0)
+            return (torch.round(xp * levels) / levels if levels else xp) - x
+
+        out = written(delta)
+        if energy is None:
+            return out
+        for _ in range(50):
+            mse = float(out.double().pow(2).mean())
+            if mse <= energy:
+                break
+            delta = delta * (math.sqrt(energy / mse) * 0.995)
+            out = written(delta)
+        return out
