@@ -160,7 +160,7 @@ def test_distilled_generators_protect_unseen_volumes_larger_than_their_patch():
     samples = _samples(n=3, size=24, sd=3)
     p = UMedProtector(epochs=1, batch_size=2, refine_rounds=1, refine_pgd=1, distil_epochs=3, patch_size=12,
                       seed=0).fit(samples, progress=False)
-    distil = [h["distil_loss"] for h in p.history if str(h.get("epoch", "")).startswith("distil")]
+    distil = [h["loss"] for h in p.distil_history]
     assert len(distil) == 3 and distil[-1] < distil[0]  # the generators learn the refined perturbations
     big = _samples(n=1, size=40, sd=3)[0]  # larger than the sliding window (twice the patch at generator scale)
     assert any(n > r for n, r in zip(big["image"].shape[1:], p._sw_roi()))

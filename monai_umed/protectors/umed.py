@@ -891,6 +891,7 @@ class UMedProtector(UMedReleaseStage, Protector):
                 "gen_t": {k: v.detach().cpu() for k, v in self.gen_t.state_dict().items()},
                 "history": list(self.history),
                 "refine": None if self.refiner is None else self.refiner.state_dict(),
+                "distil_history": list(self.distil_history),
             })
         return state
 
@@ -925,7 +926,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.gen_c.load_state_dict(state["gen_c"])
         self.gen_t.load_state_dict(state["gen_t"])
         self.history = list(state.get("history", []))
-        self.refiner = None
+        self.refiner, self.distil_history = None, list(state.get("distil_history", []))
         if state.get("refine") is not None:
             self.refiner = self._new_refiner(self._sd(), int(state["in_channels"]), int(state["num_classes"]))
             self.refiner.load_state_dict(state["refine"])

@@ -47,7 +47,9 @@ __all__ = ["UMedReleaseStage"]
 class UMedReleaseStage:
     """Mixin of :class:`~monai_umed.protectors.umed.UMedProtector`: the refinement, distillation and energy cap."""
 
-    refiner: ReleaseRefiner | None
+    refiner: ReleaseRefiner | None = None
+    #: mean regression loss per distillation epoch
+    distil_history: list[dict[str, float]] = []
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def _refine_settings(self, sd: int) -> RefineSettings:
@@ -78,7 +80,7 @@ class UMedReleaseStage:
                 progress: bool) -> None:
         """Refine every training case (``refine_rounds``), then distil the generators (``distil_epochs``)."""
         sd = self._sd()
-        self.refiner = None
+        self.refiner, self.distil_history = None, []
         if self._refine_settings(sd).rounds <= 0:
             return
         images, labels, limits, ids = [], [], [], []
@@ -131,7 +133,7 @@ class UMedReleaseStage:
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-            self.history.append({"epoch": f"distil-{epoch}", "distil_loss": sum(losses) / max(len(losses), 1)})
+            self.distil_history.append({"epoch": epoch, "loss": sum(losses) / max(len(losses), 1)})
 
     # -- protection -------------------------------------------------------------------------------------------------
     def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
@@ -167,9 +169,11 @@ class UMedReleaseStage:
         the file, not only before rounding."""
         levels = self._levels_resolved
 
+        base = torch.round(x * levels) if levels else x  # the stored grey levels (x itself for 8-bit data)
+
         def written(d: torch.Tensor) -> torch.Tensor:
             xp = (x + d).clamp(0.0, 1.0)
-            return (torch.round(xp * levels) / levels if levels else xp) - x
+            return (torch.round(xp * levels) - base) / levels if levels else xp - x
 
         out = written(delta)
         if energy is None:
