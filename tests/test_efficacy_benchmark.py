@@ -84,3 +84,19 @@ def test_bad_methods(tmp_path, methods, extra, capsys):
     data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
     assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o"), *extra]) == 2
     assert "efficacy: error:" in capsys.readouterr().err
+
+
+def test_unseen_benchmark_reports_seen_and_unseen_cases(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("unseen_bench", ROOT / "benchmarks" / "unseen.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = _write_2d(tmp_path / "data", n_train=4, n_test=1, size=32, ext=".png")
+    args = [str(data), "--fit-cases", "2", "--epochs", "1", "--image-size", "32", "--param", "epochs=1",
+            "--param", "refine_rounds=1", "--param", "victim_grids=[16]", "--param", "refine_steps=1",
+            "--param", "distil_epochs=1", "--threads", "1", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert mod.main(args) == 0
+    text = capsys.readouterr().out
+    assert "| umed | 4 | 2 |" in text
+    assert (tmp_path / "out" / "protected.umedkey").is_file()
+    assert mod.main([str(data), "--fit-cases", "4", "--out", str(tmp_path / "o2")]) == 2  # no unseen case left
