@@ -77,6 +77,8 @@ class RefineSettings:
         batch_size: cases per batch.
         work_size: longest side of the work grid.
         unseen_steps: PGD steps for a case not seen in fit (against the frozen surrogate).
+        reset_every: re-initialise the surrogate every this many rounds (0: never), so that the perturbations must be
+            learnable by a network from scratch, as a victim's is, not only by one that co-evolved with them.
     """
 
     rounds: int = 20
@@ -87,8 +89,11 @@ class RefineSettings:
     batch_size: int = 16
     work_size: int | None = 128
     unseen_steps: int = 10
+    reset_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.reset_every < 0:
+            raise ValueError(f"refine: reset_every must be >= 0, got {self.reset_every}")
         if self.rounds < 0 or self.pgd_steps < 0 or self.surrogate_epochs < 1 or self.batch_size < 1:
             raise ValueError("refine: rounds and pgd_steps must be >= 0, surrogate_epochs and batch_size >= 1")
         if not 0.0 < self.step_fraction <= 2.0:
@@ -203,6 +208,8 @@ class ReleaseRefiner:
         e_all = None if energies is None else torch.as_tensor([float(e) for e in energies], dtype=torch.float64)
         for r in range(start, st.rounds):
             g = torch.Generator().manual_seed(case_seed(self.seed, f"refine-round-{r}"))
+            if st.reset_every and r > 0 and r % st.reset_every == 0:
+                self._reset_surrogate(r)
             dice_sum, loss_sum, n = 0.0, 0.0, 0
             for _ in range(st.surrogate_epochs):
                 for idx in self._batches(shapes, g):
@@ -237,6 +244,17 @@ class ReleaseRefiner:
             if rec["dice"] >= st.stop_dice:
                 break
         return self.deltas
+
+    def _reset_surrogate(self, r: int) -> None:
+        """Fresh surrogate weights (seeded by the run and the round) and a fresh optimiser."""
+        sur = self.surrogate
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(case_seed(self.seed, f"refine-reset-{r}") % (2**31))
+            for m in sur.model.modules():
+                if hasattr(m, "reset_parameters") and m is not sur.model:
+                    m.reset_parameters()
+        lr = sur.optimizer.param_groups[0]["lr"]
+        sur.optimizer = type(sur.optimizer)(sur.model.parameters(), lr=lr)
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         sur = self.surrogate
