@@ -169,3 +169,21 @@ def test_distilled_generators_protect_unseen_volumes_larger_than_their_patch():
     limit = p.budget(big["image"], big["label"])
     assert d.shape == big["image"].shape and torch.all(d.abs() <= limit + 1e-6)
     assert float(psnr(d[None])) >= 50.0 - 1e-6  # the energy cap holds for unseen cases too
+
+
+@pytest.mark.parametrize("mode", ["scale", "sparse"])
+def test_energy_projection_holds_the_budget(mode):
+    from monai_umed.protectors.refine import ReleaseRefiner
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 3, 16, 16, generator=g) * 0.02
+    lim = torch.full((3, 3, 44, 44), 8 / 255)
+    lim[:, :, :4] = 0  # outside the footprint
+    energy = torch.tensor([1e-5, 1e-4, 1.0], dtype=torch.float64)
+    p = ReleaseRefiner.project_energy(d, lim, energy, mode)
+    mse = ReleaseRefiner.native_delta(p, lim).double().pow(2).flatten(1).mean(1)
+    assert torch.all(mse <= energy * (1 + 1e-5))
+    assert torch.equal(p[2], d[2])  # inside its budget: untouched
+    if mode == "sparse":  # few strong cells rather than a faint dense pattern
+        assert float((p[0] != 0).float().mean()) < 0.2
+        assert float(p[0].abs().max()) > float(ReleaseRefiner.project_energy(d, lim, energy, "scale")[0].abs().max())

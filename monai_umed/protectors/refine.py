@@ -35,6 +35,7 @@ an interrupted fit resumed from its checkpoint gives the same perturbations.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ class RefineSettings:
         unseen_steps: PGD steps for a case not seen in fit (against the frozen surrogate).
         reset_every: re-initialise the surrogate every this many rounds (0: never), so that the perturbations must be
             learnable by a network from scratch, as a victim's is, not only by one that co-evolved with them.
+        energy_mode: how a perturbation over its energy budget is brought back: ``scale`` (all of it, uniformly) or
+            ``sparse`` (keep the strongest work-grid cells at full strength, zero the weakest: few, strong marks
+            instead of a faint dense pattern, which an anti-aliased resize attenuates less and a network picks up
+            more easily).
     """
 
     rounds: int = 20
@@ -90,8 +95,11 @@ class RefineSettings:
     work_size: int | None = 128
     unseen_steps: int = 10
     reset_every: int = 0
+    energy_mode: str = "scale"
 
     def __post_init__(self) -> None:
+        if self.energy_mode not in ("scale", "sparse"):
+            raise ValueError(f"refine: energy_mode must be scale or sparse, got {self.energy_mode!r}")
         if self.reset_every < 0:
             raise ValueError(f"refine: reset_every must be >= 0, got {self.reset_every}")
         if self.rounds < 0 or self.pgd_steps < 0 or self.surrogate_epochs < 1 or self.batch_size < 1:
@@ -123,15 +131,45 @@ class ReleaseRefiner:
 
     # -- the written image --------------------------------------------------------------------------------------------
     @staticmethod
-    def project_energy(d: torch.Tensor, limit: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor:
-        """Scale each case's ``d`` so that its native perturbation's mean squared value is at most ``energy``
-        (B values; None: no energy budget). Scaling ``d`` by ``f <= 1`` scales the clamped native perturbation by at
-        most ``f``, so one step suffices."""
+    def project_energy(d: torch.Tensor, limit: torch.Tensor, energy: torch.Tensor | None,
+                       mode: str = "scale") -> torch.Tensor:
+        """Bring each case's ``d`` back inside its energy budget: the native perturbation's mean squared value at
+        most ``energy`` (B values; None: no energy budget).
+
+        ``scale``: multiply ``d`` by ``f <= 1`` (repeated, since a value held by the clamp may grow back towards it).
+        ``sparse``: zero the work-grid cells with the smallest ``|d|`` (summed over channels) until the
+        budget holds (bisection on the kept fraction), then scale what is left if a single cell is still too much.
+        """
         if energy is None:
             return d
-        mse = ReleaseRefiner.native_delta(d, limit).double().pow(2).flatten(1).mean(1)
-        f = torch.sqrt(energy.double() / mse.clamp_min(1e-30)).clamp(max=1.0).to(d.dtype)
-        return d * f.view(-1, *([1] * (d.ndim - 1)))
+        e = energy.double()
+
+        def mse(v: torch.Tensor) -> torch.Tensor:
+            return ReleaseRefiner.native_delta(v, limit).double().pow(2).flatten(1).mean(1)
+
+        if mode == "sparse":
+            over = mse(d) > e
+            if bool(over.any()):
+                score = d.abs().sum(1, keepdim=True).flatten(1)  # B x cells
+                ranked = score.sort(dim=1, descending=True).values
+                lo = torch.zeros(d.shape[0], dtype=torch.long, device=d.device)
+                hi = torch.full_like(lo, score.shape[1])
+                for _ in range(int(math.ceil(math.log2(score.shape[1] + 1)))):
+                    mid = (lo + hi + 1) // 2
+                    thr = ranked.gather(1, (mid - 1).clamp_min(0)[:, None])
+                    keep = (score >= thr) & (mid[:, None] > 0)
+                    ok = mse(d * keep.view(d.shape[0], 1, *d.shape[2:]).to(d.dtype)) <= e
+                    lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+                thr = ranked.gather(1, (lo - 1).clamp_min(0)[:, None])
+                keep = ((score >= thr) & (lo[:, None] > 0)) | ~over[:, None]
+                d = d * keep.view(d.shape[0], 1, *d.shape[2:]).to(d.dtype)
+        for _ in range(8):  # a clamped value may grow back when scaled, so scaling converges in a few steps
+            m = mse(d)
+            if bool((m <= e * (1 + 1e-6)).all()):
+                break
+            f = torch.sqrt(e / m.clamp_min(1e-30)).clamp(max=1.0).to(d.dtype)
+            d = d * f.view(-1, *([1] * (d.ndim - 1)))
+        return d
 
     @staticmethod
     def native_delta(d: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -282,7 +320,7 @@ class ReleaseRefiner:
             (grad,) = torch.autograd.grad(loss, d)
             with torch.no_grad():
                 d = torch.maximum(torch.minimum(d - alpha * grad.sign(), bound), -bound)
-                d = self.project_energy(d, lim, energy)
+                d = self.project_energy(d, lim, energy, self.settings.energy_mode)
             total += float(loss.detach())
         return d.detach(), total / max(steps, 1)
 

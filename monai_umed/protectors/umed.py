@@ -167,6 +167,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_size: longest side of the refinement work grid (``auto``: 128 in 2D, native in 3D).
         refine_steps: refinement PGD steps for a case not seen in fit, on top of the generators' output.
         refine_reset: re-initialise the refinement surrogate every this many rounds (0: never).
+        refine_energy: ``scale`` or ``sparse``: how the refinement keeps a case inside its energy budget
+            (:class:`~monai_umed.protectors.refine.RefineSettings`).
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -224,6 +226,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_size: int | str | None = "auto",
         refine_steps: int = 0,
         refine_reset: int = 0,
+        refine_energy: str = "scale",
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -292,6 +295,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_steps = int(refine_steps)
         self.distil_epochs = int(distil_epochs)
         self.refine_reset = int(refine_reset)
+        self.refine_energy = str(refine_energy)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         if isinstance(victim_grids, str) and victim_grids.lower() == "auto":
@@ -877,6 +881,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             "refine_steps": self.refine_steps,
             "distil_epochs": self.distil_epochs,
             "refine_reset": self.refine_reset,
+            "refine_energy": self.refine_energy,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
@@ -919,7 +924,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             if key in p:
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
-                    "refine_stop", "refine_size", "refine_reset", "release_normalise", "release_jitter"):
+                    "refine_stop", "refine_size", "refine_reset", "refine_energy", "release_normalise", "release_jitter"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:
