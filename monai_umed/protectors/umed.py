@@ -135,7 +135,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         texture_window: window ``k`` of the local standard deviation.
         b_min: texture bound in the flattest ROI regions.
         texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
-        epochs: passes over the training samples (``None``: 6 in 2D, 10 in 3D).
+        epochs: generator min-min passes over the training samples (``None``: 1 in 2D and 2 in 3D with the release
+            stage, which distils the generators afterwards; 6 in 2D and 10 in 3D without it).
         n_gen: generator steps per batch.
         n_sur: surrogate steps per batch.
         stop_dice: stop when the surrogate's mean training Dice over an epoch exceeds this.
@@ -160,7 +161,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         infer_batch_size: cases (or windows) per generator forward when protecting.
         refine_rounds: rounds of the per-case error-minimising refinement through the release path
             (:mod:`~monai_umed.protectors.refine`) inside the budget map, after the generators are fitted (``None``:
-            20; 0 disables it and protects with the generators alone).
+            12; 0 disables it and protects with the generators alone).
         refine_pgd: refinement PGD steps per case and round.
         refine_surrogate_epochs: refinement surrogate passes over the training set per round.
         refine_stop: stop refining when the refinement surrogate's training Dice over a round reaches this.
@@ -172,7 +173,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
-            ``(128, 256)`` in 2D, the native grid in 3D; ``none``: native).
+            ``(128,)`` in 2D, the native grid in 3D; ``none``: native); each extra grid is an expectation the
+            refinement pays for (``(128, 256)`` costs about twice as much).
         release_normalise: the trainer's intensity normalisation in the release path (``auto``: ``minmax`` in 2D,
             ``zscore`` in 3D; or ``random``, ``none``).
         release_jitter: mild intensity jitter in the release path (gain ``1 +- j``, offset ``+- j / 2``).
@@ -220,12 +222,12 @@ class UMedProtector(UMedReleaseStage, Protector):
         sw_overlap: float = 0.25,
         infer_batch_size: int = 8,
         refine_rounds: int | None = None,
-        refine_pgd: int = 3,
-        refine_surrogate_epochs: int = 1,
+        refine_pgd: int = 2,
+        refine_surrogate_epochs: int = 3,
         refine_stop: float = 0.95,
         refine_size: int | str | None = "auto",
         refine_steps: int = 0,
-        refine_reset: int = 0,
+        refine_reset: int = 3,
         refine_energy: str = "scale",
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
@@ -328,7 +330,11 @@ class UMedProtector(UMedReleaseStage, Protector):
         return int(self.spatial_dims)
 
     def _epochs(self) -> int:
-        return int(self.epochs) if self.epochs is not None else (6 if self._sd() == 2 else 10)
+        if self.epochs is not None:
+            return int(self.epochs)
+        if self.refine_rounds != 0:  # the release stage refines and then distils the generators: a short start
+            return 1 if self._sd() == 2 else 2
+        return 6 if self._sd() == 2 else 10
 
     def _gen_scale(self) -> float:
         return self.gen_scale if self.gen_scale is not None else 2.0

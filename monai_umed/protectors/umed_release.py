@@ -54,14 +54,14 @@ class UMedReleaseStage:
     # -- settings ---------------------------------------------------------------------------------------------------
     def _refine_settings(self, sd: int) -> RefineSettings:
         size = (128 if sd == 2 else None) if self.refine_size == "auto" else self.refine_size
-        rounds = 20 if self.refine_rounds is None else self.refine_rounds
+        rounds = 12 if self.refine_rounds is None else self.refine_rounds
         return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
                               stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
                               unseen_steps=self.refine_steps, reset_every=self.refine_reset,
                               energy_mode=self.refine_energy)
 
     def _release_path(self, sd: int) -> ReleasePath:
-        grids = ((128, 256) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
+        grids = ((128,) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
         norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
         return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter)
 
