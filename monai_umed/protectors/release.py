@@ -182,11 +182,14 @@ class ReleasePath:
             raise ValueError(f"jitter must lie in [0, 1), got {self.jitter}")
 
     def grid(self, shape: Sequence[int], generator: torch.Generator) -> tuple[int, ...]:
-        """A random victim grid for images of spatial ``shape`` (the native grid when :attr:`grids` is empty)."""
+        """A random victim grid for images of spatial ``shape``: the native grid when :attr:`grids` is empty or the
+        drawn grid is not smaller than the image (an upsampling victim sees a smooth interpolation of the same
+        pixels, so the stand-in spares the cost)."""
+        native = tuple(int(s) for s in shape)
         if not self.grids:
-            return tuple(int(s) for s in shape)
+            return native
         g = self.grids[int(torch.randint(len(self.grids), (1,), generator=generator))]
-        return _grid_shape(shape, g)
+        return native if g >= max(native) else _grid_shape(shape, g)
 
     def labels(self, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Nearest-neighbour labels on a victim grid (as MONAI ``Resized(mode="nearest")``)."""
