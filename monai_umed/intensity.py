@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["IntensityMapping", "compute_mapping", "quantise", "budget_in_stored", "parse_epsilon", "ct_window"]
+from monai_umed.blocks import c_order_blocks
+
+__all__ = ["IntensityMapping", "compute_mapping", "quantise", "quantise_blocks", "budget_in_stored", "parse_epsilon",
+           "ct_window"]
 
 #: Default CT window in HU (METHODS.md section 0).
 ct_window = (-1024.0, 3071.0)
@@ -57,9 +60,21 @@ class IntensityMapping:
         return np.asarray(self.lo, np.float64).reshape(shape), np.asarray(self.hi, np.float64).reshape(shape)
 
     def to_normalised(self, stored: np.ndarray) -> np.ndarray:
-        """Channel-first stored array -> float32 normalised array (not clipped: values outside the window map outside [0, 1])."""
+        """Channel-first stored array -> float32 normalised array (not clipped: values outside the window map outside [0, 1]).
+
+        Computed block by block in float64 (the same values as on the whole array), so a big volume needs its float32
+        result and a block of temporaries, not several float64 copies of itself.
+        """
         lo, hi = self._bounds(stored.ndim)
-        return ((stored.astype(np.float64) * self.slope + self.intercept - lo) / (hi - lo)).astype(np.float32)
+        if stored.ndim < 2 or lo.shape[0] not in (1, stored.shape[0]):
+            return ((stored.astype(np.float64) * self.slope + self.intercept - lo) / (hi - lo)).astype(np.float32)
+        out = np.empty(stored.shape, np.float32)
+        for c in range(stored.shape[0]):
+            lo_c, hi_c = lo.flat[c % lo.shape[0]], hi.flat[c % hi.shape[0]]
+            for idx in c_order_blocks(stored.shape[1:]):
+                i = (c,) + idx
+                out[i] = (stored[i].astype(np.float64) * self.slope + self.intercept - lo_c) / (hi_c - lo_c)
+        return out
 
     def to_stored(self, normalised: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_normalised`, in float64 (no rounding)."""
@@ -182,6 +197,7 @@ def quantise(
     inside the budget when ``epsilon`` is given (so the budget holds *after* quantisation); the result stays
     inside the dtype's range and inside the wider of the image's own range and the mapping's window (so a float
     MRI volume whose background is 0 gets no negative values). Float images are perturbed without rounding.
+    Computed block by block (:func:`quantise_blocks`).
 
     Args:
         stored: channel-first stored array (the file's values).
@@ -195,27 +211,76 @@ def quantise(
         (int64 for integer dtypes, float64 for float dtypes).
     """
     dtype = np.dtype(stored.dtype)
-    d = np.asarray(delta, dtype=np.float64) * mapping.scale(stored.ndim)
+    protected = np.empty(stored.shape, dtype)
+    delta_q = np.empty(stored.shape, np.int64 if dtype.kind in "uib" else np.float64)
+    for idx, p, d in quantise_blocks(stored, delta, mapping, epsilon, source):
+        protected[idx] = p
+        delta_q[idx] = d
+    return protected, delta_q
+
+
+def quantise_blocks(
+    stored: np.ndarray,
+    delta: np.ndarray,
+    mapping: IntensityMapping,
+    epsilon: float | None = None,
+    source: str = "",
+) -> Iterator[tuple[tuple[int | slice, ...], np.ndarray, np.ndarray]]:
+    """:func:`quantise`, one block at a time: a big volume needs memory for a block of temporaries, not for several
+    float64 and int64 copies of itself.
+
+    Args:
+        stored: channel-first stored array (the file's values).
+        delta: normalised perturbation, same shape (any float dtype; each block is converted to float64).
+        mapping: the case's intensity mapping.
+        epsilon: the protector's L-inf budget in normalised units, or None for no clamp.
+        source: file name used in the warning.
+
+    Yields:
+        ``(index, protected, delta_q)`` per block: ``index`` selects the block in ``stored`` (channel first, see
+        :func:`monai_umed.blocks.c_order_blocks`); ``protected`` is in the stored dtype, ``delta_q`` int64 for integer
+        dtypes and float64 for float dtypes. The blocks cover the array in C order.
+    """
+    dtype = np.dtype(stored.dtype)
+    delta = np.broadcast_to(np.asarray(delta), stored.shape)
+    n_ch = stored.shape[0]
+    shape = (n_ch,) + (1,) * (stored.ndim - 1)
+    scale = np.broadcast_to(mapping.scale(stored.ndim), shape).reshape(n_ch)
+    b = None
     if epsilon is not None:
-        b = budget_in_stored(epsilon, mapping).reshape((-1,) + (1,) * (stored.ndim - 1))
+        b = np.broadcast_to(budget_in_stored(epsilon, mapping).reshape((-1,) + (1,) * (stored.ndim - 1)), shape)
         if epsilon > 0 and np.all(b == 0):
             warnings.warn(
                 f"{source or 'image'}: budget epsilon={epsilon:.6g} is below one {dtype} step "
                 f"({float(mapping.scale(1).min()):.6g} stored units per normalised unit): the written copy is unprotected",
-                stacklevel=2,
+                stacklevel=3,
             )
-        d = np.clip(d, -b, b)
+        b = b.reshape(n_ch)
     # never leave the wider of the image's own range and the mapping's window (METHODS.md clips to [0, 1]; values
     # outside the window, e.g. above the 99.5th percentile, are kept), nor the dtype's range
-    flat = stored.reshape(stored.shape[0], -1)
-    shape = (stored.shape[0],) + (1,) * (stored.ndim - 1)
+    axes = tuple(range(1, stored.ndim))
     win = np.sort(np.stack([mapping.to_stored(np.zeros(shape)), mapping.to_stored(np.ones(shape))]), axis=0)
-    lo = np.minimum(flat.min(axis=1).reshape(shape), win[0])
-    hi = np.maximum(flat.max(axis=1).reshape(shape), win[1])
-    if dtype.kind in "uib":
+    lo = np.minimum(stored.min(axis=axes).reshape(shape), win[0])
+    hi = np.maximum(stored.max(axis=axes).reshape(shape), win[1])
+    integer = dtype.kind in "uib"
+    if integer:
         info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
-        lo, hi = np.maximum(np.ceil(lo), info.min), np.minimum(np.floor(hi), info.max)
-        out = np.clip(stored.astype(np.int64) + np.rint(d).astype(np.int64), lo.astype(np.int64), hi.astype(np.int64))
-        return out.astype(dtype), out - stored.astype(np.int64)
-    out = np.clip(stored.astype(np.float64) + d, lo, hi).astype(dtype)
-    return out, out.astype(np.float64) - stored.astype(np.float64)
+        lo, hi = np.maximum(np.ceil(lo), info.min).astype(np.int64), np.minimum(np.floor(hi), info.max).astype(np.int64)
+    lo, hi = lo.reshape(n_ch), hi.reshape(n_ch)
+    for c in range(n_ch):
+        for idx in c_order_blocks(stored.shape[1:]):
+            i = (c,) + idx
+            s = stored[i]
+            d = delta[i].astype(np.float64)
+            d *= scale[c]
+            if b is not None:
+                np.clip(d, -b[c], b[c], out=d)
+            if integer:
+                s64 = s.astype(np.int64)
+                out = s64 + np.rint(d, out=d).astype(np.int64)
+                np.clip(out, lo[c], hi[c], out=out)
+                yield i, out.astype(dtype), np.subtract(out, s64, out=s64)
+            else:
+                s64 = s.astype(np.float64)
+                out = np.clip(s64 + d, lo[c], hi[c]).astype(dtype)
+                yield i, out, np.subtract(out.astype(np.float64), s64, out=s64)

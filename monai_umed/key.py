@@ -40,6 +40,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from monai_umed.blocks import c_order_blocks
 from monai_umed.data.formats import array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
 from monai_umed.errors import InputError, KeyDamagedError, KeyMismatchError
 
@@ -60,20 +61,47 @@ def encode_delta(original: np.ndarray, protected: np.ndarray) -> bytes:
     """Compressed ``protected - original`` (integer view), as ``.npz`` bytes.
 
     Sparse (flat indices + values) when few elements changed, as for ROI-confined methods; dense when that is
-    smaller, as for whole-image noise. Values use the narrowest integer type that holds them.
+    smaller, as for whole-image noise. Values use the narrowest integer type that holds them. The difference is
+    taken block by block in C order (:func:`monai_umed.blocks.c_order_blocks`): a big volume needs its narrow
+    delta and a block of int64 temporaries, not int64 copies of both arrays.
     """
     if original.shape != protected.shape or original.dtype != protected.dtype:
         raise ValueError("original and protected arrays must share shape and dtype")
-    d = (_int_view(protected) - _int_view(original)).ravel()
-    idx = np.flatnonzero(d)
-    small = next((t for t in (np.int8, np.int16, np.int32) if d.size == 0 or (d.min() >= np.iinfo(t).min and d.max() <= np.iinfo(t).max)), np.int64)
-    index_type = np.uint32 if d.size < 2**32 else np.uint64
+    blocks = list(c_order_blocks(original.shape))
+
+    def diff(i: tuple[int | slice, ...]) -> np.ndarray:
+        return (_int_view(np.asarray(protected[i])) - _int_view(np.asarray(original[i]))).ravel()
+
+    kept = [diff(blocks[0])] if len(blocks) == 1 else None  # one block: computed once for both passes
+
+    def diffs() -> Iterable[np.ndarray]:
+        return kept if kept is not None else (diff(i) for i in blocks)
+
+    size, lo, hi, changed = int(original.size), 0, 0, 0
+    for d in diffs():  # first pass: the value range and the number of changed elements
+        if d.size:
+            lo, hi = min(lo, int(d.min())), max(hi, int(d.max()))
+            changed += int(np.count_nonzero(d))
+    small = next((t for t in (np.int8, np.int16, np.int32)
+                  if size == 0 or (lo >= np.iinfo(t).min and hi <= np.iinfo(t).max)), np.int64)
+    index_type = np.uint32 if size < 2**32 else np.uint64
     header = {"shape": np.asarray(original.shape, np.int64), "dtype": np.frombuffer(original.dtype.str.encode(), np.uint8)}
     buf = io.BytesIO()
-    if idx.size * (np.dtype(index_type).itemsize + np.dtype(small).itemsize) < d.size * np.dtype(small).itemsize:
-        np.savez_compressed(buf, index=idx.astype(index_type), value=d[idx].astype(small), **header)
+    if changed * (np.dtype(index_type).itemsize + np.dtype(small).itemsize) < size * np.dtype(small).itemsize:
+        index, value = np.empty(changed, index_type), np.empty(changed, small)
+        offset, k = 0, 0
+        for d in diffs():  # second pass: flat C-order indices and values of the changed elements
+            idx = np.flatnonzero(d)
+            index[k: k + idx.size] = idx + offset
+            value[k: k + idx.size] = d[idx]
+            offset, k = offset + d.size, k + idx.size
+        np.savez_compressed(buf, index=index, value=value, **header)
     else:
-        np.savez_compressed(buf, dense=d.astype(small), **header)
+        dense, offset = np.empty(size, small), 0
+        for d in diffs():
+            dense[offset: offset + d.size] = d
+            offset += d.size
+        np.savez_compressed(buf, dense=dense, **header)
     return buf.getvalue()
 
 

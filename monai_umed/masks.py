@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,34 +142,102 @@ def contour_band(
     else:
         se = structuring_element(float(radius), sd)
     band = np.zeros(arr.shape, dtype=bool)
-    classes = [c for c in np.unique(arr) if c > 0] if per_class else [None]
+    classes = [c for c in _classes(arr) if c > 0] if per_class else [None]
     if se.sum() <= 1:
         return torch.zeros((1,) + arr.shape, dtype=torch.bool, device=_device_of(label))
     for c in classes:
         m = arr > 0 if c is None else arr == c
         if not m.any():
             continue
-        band |= ndimage.binary_dilation(m, structure=se) & ~ndimage.binary_erosion(m, structure=se, border_value=1)
+        dilated = ndimage.binary_dilation(m, structure=se)
+        eroded = ndimage.binary_erosion(m, structure=se, border_value=1)
+        del m
+        band |= np.logical_and(dilated, np.logical_not(eroded, out=eroded), out=dilated)  # in place: big volumes
     return torch.from_numpy(band[None]).to(_device_of(label))
+
+
+def _classes(arr: np.ndarray) -> np.ndarray:
+    """The sorted values of a label map: counted (no sorted copy of a big volume) for small non-negative integer
+    labels, ``np.unique`` otherwise."""
+    if arr.dtype.kind in "ui" and arr.size and 0 <= arr.min() and arr.max() < (1 << 16):
+        return np.flatnonzero(np.bincount(arr.ravel(order="K")))
+    return np.unique(arr)
+
+
+#: Elements per slab of the slab-wise texture maps (1 Mi: 8 MB per float64 temporary).
+_SLAB = 1 << 20
+
+
+def _slabs(shape: Sequence[int], dim: int) -> list[slice]:
+    """Ranges along ``dim`` cutting a tensor of ``shape`` into slabs of about :data:`_SLAB` elements."""
+    per = max(1, int(np.prod([n for d, n in enumerate(shape) if d != dim], dtype=np.int64)))
+    step = max(1, _SLAB // per)
+    return [slice(a, min(a + step, shape[dim])) for a in range(0, shape[dim], step)]
+
+
+def _box_pass(x: torch.Tensor, dim: int, window: int) -> torch.Tensor:
+    """Mean over the in-image part of a ``window``-long run along ``dim`` (running sums, float64): one axis of
+    :func:`_box_mean`. Every line along ``dim`` is computed on its own, so a slab cut along another axis gives
+    the same values as the whole tensor."""
+    h = window // 2
+    n = x.shape[dim]
+    pad = [0, 0] * (x.ndim - 1 - dim) + [h + 1, h]
+    c = F.pad(x, pad).cumsum(dim)
+    idx = torch.arange(n, device=x.device)
+    out = c.narrow(dim, 2 * h + 1, n) - c.narrow(dim, 0, n)
+    count = (torch.clamp(idx + h, max=n - 1) - torch.clamp(idx - h, min=0) + 1).to(torch.float64)
+    return out / count.reshape([-1] + [1] * (out.ndim - 1 - dim))
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over the in-image part of a ``window``-sized box around each voxel (separable running sums, float64)."""
-    h = window // 2
     out = x.to(torch.float64)
     for dim in range(1, x.ndim):
-        n = out.shape[dim]
-        pad = [0, 0] * (out.ndim - 1 - dim) + [h + 1, h]
-        c = F.pad(out, pad).cumsum(dim)
-        idx = torch.arange(n, device=x.device)
-        out = c.narrow(dim, 2 * h + 1, n) - c.narrow(dim, 0, n)
-        count = (torch.clamp(idx + h, max=n - 1) - torch.clamp(idx - h, min=0) + 1).to(torch.float64)
-        out = out / count.reshape([-1] + [1] * (out.ndim - 1 - dim))
+        out = _box_pass(out, dim, window)
     return out
+
+
+def _first_axis_means(x: torch.Tensor, window: int, rows: Sequence[slice]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """:func:`_box_pass` along the first spatial axis (dim 1) of ``x`` and of ``x * x`` (float64), one slab of
+    consecutive ``rows`` at a time, in order.
+
+    The running sums are carried from slab to slab: each slab's padded rows are summed after the last running sum
+    of the previous one, exactly as one cumulative sum over the whole padded line adds them (element after element),
+    so the values are those of the whole-tensor pass while only a slab (and ``window`` rows) is in memory.
+    """
+    h, n = window // 2, x.shape[1]
+    idx = torch.arange(n, device=x.device)
+    count = (torch.clamp(idx + h, max=n - 1) - torch.clamp(idx - h, min=0) + 1).to(torch.float64)
+    rest = [1] * (x.ndim - 2)
+    carry = torch.zeros((x.shape[0], 1) + tuple(x.shape[2:]), dtype=torch.float64, device=x.device)
+    kept_m, kept_s, lo, done = carry[:, :0], carry[:, :0], 0, 0  # running sums of padded rows [lo, done)
+    last_m, last_s = carry, carry
+    for sl in rows:
+        i0, i1 = sl.start, sl.stop
+        need = i1 + 2 * h + 1  # padded rows [i, i + 2h + 1) make output row i
+        piece = torch.zeros((x.shape[0], need - done) + tuple(x.shape[2:]), dtype=torch.float64, device=x.device)
+        a, b = max(done, h + 1), min(need, n + h + 1)  # padded rows that hold image rows (h + 1 zeros first)
+        if b > a:
+            piece[:, a - done: b - done] = x[:, a - h - 1: b - h - 1].to(torch.float64)
+        new_m = torch.cat([last_m, piece], 1).cumsum(1)[:, 1:]
+        new_s = torch.cat([last_s, piece * piece], 1).cumsum(1)[:, 1:]
+        del piece
+        last_m, last_s = new_m[:, -1:], new_s[:, -1:]
+        kept_m, kept_s, done = torch.cat([kept_m, new_m], 1), torch.cat([kept_s, new_s], 1), need
+        del new_m, new_s
+        c = count[i0:i1].reshape([-1] + rest)
+        m = (kept_m[:, i0 + 2 * h + 1 - lo: i1 + 2 * h + 1 - lo] - kept_m[:, i0 - lo: i1 - lo]) / c
+        sq = (kept_s[:, i0 + 2 * h + 1 - lo: i1 + 2 * h + 1 - lo] - kept_s[:, i0 - lo: i1 - lo]) / c
+        kept_m, kept_s, lo = kept_m[:, i1 - lo:], kept_s[:, i1 - lo:], i1
+        yield m, sq
 
 
 def texture_energy(image: torch.Tensor | np.ndarray, window: int = 5) -> torch.Tensor:
     """Local standard deviation of each channel in a ``window``-sized box (2D or 3D), same shape as the image.
+
+    Computed in float64 slab by slab along the first spatial axis (running sums along it carried from slab to slab,
+    the other axes' whole lines inside each slab), with the same values as on the whole tensor: a 512 x 512 x 300
+    volume needs its float32 result and a few slabs instead of about eight float64 copies of itself.
 
     Args:
         image: ``C x spatial`` float image.
@@ -180,10 +248,14 @@ def texture_energy(image: torch.Tensor | np.ndarray, window: int = 5) -> torch.T
         raise ValueError(f"expected a channel-first 2D or 3D image, got shape {tuple(x.shape)}")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd integer, got {window}")
-    x = x.detach().to(torch.float64)
-    mean = _box_mean(x, window)
-    var = (_box_mean(x * x, window) - mean * mean).clamp_min(0.0)
-    return var.sqrt().to(torch.float32)
+    x = x.detach()
+    energy = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rows = _slabs(x.shape, 1)
+    for sl, (mean, sq) in zip(rows, _first_axis_means(x, window, rows)):
+        for dim in range(2, x.ndim):
+            mean, sq = _box_pass(mean, dim, window), _box_pass(sq, dim, window)
+        energy[:, sl] = (sq - mean * mean).clamp_min(0.0).sqrt().to(torch.float32)
+    return energy
 
 
 def texture_stats(
@@ -262,5 +334,9 @@ def texture_bound(
     lo = torch.as_tensor(lo, dtype=torch.float32, device=energy.device).reshape(shape)
     hi = torch.as_tensor(hi, dtype=torch.float32, device=energy.device).reshape(shape)
     span = hi - lo
-    norm = torch.where(span > 1e-12, (energy - lo) / span.clamp_min(1e-12), torch.ones_like(energy)).clamp(0.0, 1.0)
-    return torch.where(roi, b_min + (1.0 - b_min) * norm, torch.zeros_like(norm))
+    # element-wise, slab by slab into the energy's own storage: a big volume needs no full-size temporaries
+    for sl in _slabs(energy.shape, 1):
+        e = energy[:, sl]
+        norm = torch.where(span > 1e-12, (e - lo) / span.clamp_min(1e-12), torch.ones_like(e)).clamp(0.0, 1.0)
+        e.copy_(torch.where(roi[:, sl], b_min + (1.0 - b_min) * norm, torch.zeros_like(norm)))
+    return energy

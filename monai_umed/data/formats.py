@@ -78,10 +78,20 @@ class ImageData:
 
 
 def array_sha256(array: np.ndarray) -> str:
-    """Checksum of a decoded array: dtype, shape and bytes (C order)."""
-    a = np.ascontiguousarray(array)
+    """Checksum of a decoded array: dtype, shape and bytes (C order).
+
+    The bytes are hashed in place when the array is C-contiguous and block by block in C order otherwise (a NIfTI
+    volume is Fortran-ordered), never through a whole copy of a big volume.
+    """
+    from monai_umed.blocks import c_order_blocks
+
+    a = np.asarray(array)
     h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
-    h.update(a.tobytes())
+    if a.flags.c_contiguous:
+        h.update(memoryview(a.reshape(-1)).cast("B"))
+    else:
+        for i in c_order_blocks(a.shape):
+            h.update(np.ascontiguousarray(a[i]).tobytes())
     return h.hexdigest()
 
 
