@@ -74,6 +74,9 @@ def _add_protect(sub: argparse._SubParsersAction) -> None:
                    help="native -> [0, 1] mapping (METHODS.md section 0)")
     p.add_argument("--new-uids", action="store_true", help="DICOM: give written files new SOPInstanceUIDs")
     p.add_argument("--batch-size", type=int, default=8, help="cases per perturbation batch")
+    p.add_argument("--io-threads", type=int, default=None, metavar="N",
+                   help="threads that decode ahead and write behind the perturbation (default: one per core, at "
+                   "most 4; 0: none); the output is the same bytes whatever N")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings "
                    "(a run that already completed with them: check its key and succeed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -97,7 +100,7 @@ def _run_protect(args: argparse.Namespace) -> int:
     summary = protect_dataset(
         args.dataset, args.output, args.method, key=args.key, epsilon=eps, epochs=args.epochs, params=params,
         split=args.split, device=args.device, seed=args.seed, resume=args.resume, progress=not args.quiet,
-        intensity=args.intensity, new_uids=args.new_uids, batch_size=args.batch_size,
+        intensity=args.intensity, new_uids=args.new_uids, batch_size=args.batch_size, io_threads=args.io_threads,
     )
     if summary.get("rank", 0):  # under torchrun, rank 0 reports for the whole job
         return 0

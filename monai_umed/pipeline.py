@@ -15,6 +15,11 @@ dataset on disk -> cases -> MONAI loaders -> normalised tensors -> ``protector.f
 quantised to the source dtype -> written in the source format into a staging folder ``OUT.partial`` -> manifest,
 datalist and key -> staging renamed to ``OUT``.
 
+Overlap: while a batch is perturbed on the calling thread, a bounded pool of I/O threads (:mod:`monai_umed.io_pool`)
+decodes the next batch and quantises, encodes, hashes and writes the previous one; every case is written by one task,
+results are taken in case order, and a batch bigger than half of :data:`IO_MEMORY` is protected alone, so big
+volumes cost one batch of memory. The output is the same bytes with any number of threads (0: all on one thread).
+
 Crash safety and resume: each finished case leaves a fragment (``<key>.parts/cases/<n>.json`` plus its delta)
 written *after* its files, so ``--resume`` redoes nothing finished and an interrupted run never looks complete.
 Per-case randomness comes from ``(seed, case_id)``, so a resumed run writes the same bytes as an uninterrupted one.
@@ -39,9 +44,11 @@ import os
 import shutil
 import socket
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,15 +59,21 @@ except ImportError:  # Windows: no advisory locks, runs are not guarded against 
     fcntl = None  # type: ignore[assignment]
 
 from monai_umed import __version__, distributed, protectors
+from monai_umed.blocks import BLOCK
 from monai_umed.data.datalist import Case, DatasetSpec, load_dataset
 from monai_umed.data.formats import ImageData, array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
 from monai_umed.errors import InputError, KeyDamagedError
-from monai_umed.intensity import IntensityMapping, compute_mapping, parse_epsilon, quantise
+from monai_umed.intensity import IntensityMapping, compute_mapping, parse_epsilon, quantise_blocks
+from monai_umed.io_pool import IOPool, OrderedWindow, default_io_threads
 from monai_umed.key import check_key, encode_delta, fingerprint, read_key, write_key
 
 __all__ = ["protect_dataset", "default_key_path", "LoadedCase", "load_case", "RunLock"]
 
 _CONFIG_KEYS = ("dataset", "method", "params", "split", "intensity", "new_uids", "cases")
+_RESUME_HINT = "finished cases are kept: fix the cause and rerun with --resume"
+#: Decoded data (bytes) the I/O threads may hold besides the batch being perturbed: a batch of more than half of it is
+#: protected alone (nothing decoded ahead, written before the next is decoded), so a big volume costs one batch.
+IO_MEMORY = 1 << 30
 
 
 def default_key_path(output: str | os.PathLike) -> Path:
@@ -99,7 +112,8 @@ def load_case(spec: DatasetSpec, case: Case, intensity: str = "auto") -> LoadedC
         mapping = compute_mapping(image.array, intensity, modality=modality, slope=image.slope, intercept=image.intercept)
     except ValueError as e:
         raise InputError(str(e), paths[0]) from e
-    tensor = torch.from_numpy(np.clip(mapping.to_normalised(image.array), 0.0, 1.0))
+    normalised = mapping.to_normalised(image.array)
+    tensor = torch.from_numpy(np.clip(normalised, 0.0, 1.0, out=normalised))  # in place: no second float copy
     label = None
     if case.label is not None:
         lpath = spec.abspath(case.label)
@@ -126,6 +140,12 @@ class _Samples(Sequence):
 def _psnr(delta_n: np.ndarray) -> float:
     """PSNR (dB) of a perturbation in normalised units (peak 1 = the mapping's range, 255 for uint8)."""
     mse = float(np.mean(np.square(delta_n, dtype=np.float64))) if delta_n.size else 0.0
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def _psnr_of_squares(sq: np.ndarray) -> float:
+    """:func:`_psnr` of a perturbation given its element-wise squares (float64): the same float."""
+    mse = float(np.mean(sq)) if sq.size else 0.0
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
@@ -240,6 +260,7 @@ class _Job:
         self.stage = output.with_name(output.name + ".partial")
         self.work = key.with_name(key.name + ".parts")
         self.cases_dir = self.work / "cases"
+        self.writer: _Writer | None = None  # the run's I/O threads for writes (None: written where perturbed)
         cfg_path = self.work / "config.json"
         if not create:  # another rank of a torchrun job set the folders up
             return
@@ -320,8 +341,91 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[i : i + size]
 
 
+@dataclass
+class _CaseOutput:
+    """What writing one perturbed case needs; :func:`_finish_case` drops each array as soon as it is used, so a
+    big volume's label and float perturbation do not stay in memory while its files are written."""
+
+    n: int
+    case: Case
+    image: ImageData
+    mapping: IntensityMapping
+    paths: list[str]
+    label: torch.Tensor | None
+    delta: np.ndarray | None
+
+
+class _DeltaStats:
+    """The manifest's per-case figures: PSNR of the whole image and of the ROI, max |delta|, fraction changed.
+
+    Fed the blocks of :func:`quantise_blocks`. A volume of more than :data:`~monai_umed.blocks.BLOCK` elements is
+    summed block by block (no full-size float64 copies of it); a smaller one is kept whole, in its source's memory
+    layout, and reduced exactly as on the whole array, so its figures are the same floats as before blocks existed.
+
+    Args:
+        mapping: the case's intensity mapping.
+        roi: spatial bool ROI mask (no channel axis), or None.
+        source: the stored array (its shape, dtype and layout).
+    """
+
+    def __init__(self, mapping: IntensityMapping, roi: np.ndarray | None, source: np.ndarray) -> None:
+        self.mapping = mapping
+        self.scale = mapping.scale(1).reshape(-1)  # stored units per normalised unit, per channel
+        self.roi = roi
+        kind = np.int64 if source.dtype.kind in "uib" else np.float64
+        self.whole = np.empty_like(source, dtype=kind) if source.size <= BLOCK else None
+        self.sq = self.sq_roi = 0.0
+        self.n = self.n_roi = self.changed = 0
+        self.max_abs = 0.0
+
+    def add(self, index: tuple[int | slice, ...], delta_q: np.ndarray) -> None:
+        """Add one block (``index`` as yielded by :func:`quantise_blocks`: channel first)."""
+        if self.whole is not None:
+            self.whole[index] = delta_q
+            return
+        if not delta_q.size:
+            return
+        sq = np.square(delta_q / self.scale[int(index[0]) % self.scale.size])
+        self.sq += float(sq.sum())
+        self.n += sq.size
+        if self.roi is not None:
+            inside = sq[self.roi[index[1:]]]
+            self.sq_roi += float(inside.sum())
+            self.n_roi += inside.size
+        self.changed += int(np.count_nonzero(delta_q))
+        self.max_abs = max(self.max_abs, float(np.abs(delta_q).max()))
+
+    def record(self) -> dict[str, Any]:
+        """The manifest fields ``psnr``, ``psnr_roi``, ``max_abs_delta`` and ``changed_fraction``."""
+        slope = abs(self.mapping.slope)
+        if self.whole is not None:
+            dq = self.whole
+            sq = dq / self.mapping.scale(dq.ndim)
+            np.square(sq, out=sq)  # the squares of the normalised delta, reduced in its own layout as before
+            roi = None if self.roi is None else np.broadcast_to(self.roi, dq.shape)
+            return {
+                "psnr": _psnr_of_squares(sq),
+                "psnr_roi": _psnr_of_squares(sq[roi]) if roi is not None and roi.any() else None,
+                "max_abs_delta": float(np.abs(dq).max()) * slope if dq.size else 0.0,
+                "changed_fraction": float(np.count_nonzero(dq) / max(1, dq.size)),
+            }
+
+        def psnr(sq: float, n: int) -> float:
+            mse = sq / n if n else 0.0
+            return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+        return {
+            "psnr": psnr(self.sq, self.n),
+            "psnr_roi": psnr(self.sq_roi, self.n_roi) if self.n_roi else None,
+            "max_abs_delta": self.max_abs * slope,  # max(|d| * s) = max|d| * s: rounding is monotonic
+            "changed_fraction": float(self.changed / max(1, self.n)),
+        }
+
+
 def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tuple[int, LoadedCase]],
                    new_uids: bool) -> None:
+    """Perturb one batch on this thread and hand each case to the run's I/O threads (``job.writer``; written here
+    when there is none) to be quantised, written, hashed and recorded."""
     deltas = protector.perturbation_batch(
         [lc.tensor.to(protector.device) for _, lc in loaded],
         [None if lc.label is None else lc.label.to(protector.device) for _, lc in loaded],
@@ -329,46 +433,140 @@ def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tupl
     )
     budget = float(getattr(protector, "max_epsilon", protector.epsilon))
     for (n, lc), delta in zip(loaded, deltas):
-        src = lc.image.array
-        protected, delta_q = quantise(src, delta.detach().float().cpu().numpy(), lc.mapping, budget, source=lc.paths[0])
-        codec = codec_for(lc.paths if isinstance(lc.case.image, list) else lc.paths[0])
-        outs = [codec.output_relpath(p) for p in lc.case.image_files]
-        targets = [str(job.stage / o) for o in outs]
-        options: dict[str, Any] = {}
-        if new_uids and codec.fmt == "dicom":
-            # new UIDs differ between runs with different settings, and repeat exactly on resume
-            options = {"new_uids": True, "uid_salt": _digest(job.config)}
-        written = codec.write(lc.paths if codec.fmt == "dicom" else lc.paths[0],
-                              targets if codec.fmt == "dicom" else targets[0], protected, **options)
-        label = None
-        if lc.case.label is not None:
-            copy_atomic(job.spec.abspath(lc.case.label), job.stage / lc.case.label)
-            label = {"source": lc.case.label, "output": lc.case.label, "sha256": file_sha256(job.stage / lc.case.label)}
-        phys = np.abs(delta_q) * abs(lc.mapping.slope)
-        delta_n = delta_q / lc.mapping.scale(delta_q.ndim)
-        roi_mask = None if lc.label is None else np.broadcast_to(lc.label.numpy() > 0, delta_q.shape)
-        delta_name = f"deltas/{n:06d}.npz"
-        payload = encode_delta(src, protected)
-        with atomic_path(job.cases_dir / f"{n:06d}.npz") as tmp:
-            tmp.write_bytes(payload)
-        record = {
-            "case_id": lc.case.case_id, "split": lc.case.split, "protected": True, "fmt": lc.image.fmt,
-            "source": lc.case.image_files, "output": outs,
-            "source_sha256": [file_sha256(p) for p in lc.paths],
-            "files": [{"output": o, "sha256": file_sha256(job.stage / o)} for o in outs],
-            "label": label,
-            "array_sha256_source": array_sha256(src), "array_sha256_protected": array_sha256(protected),
-            "dtype": str(src.dtype), "shape": list(src.shape), "spatial_dims": lc.image.spatial_dims,
-            "mapping": lc.mapping.to_dict(),
-            "psnr": _psnr(delta_n),
-            "psnr_roi": _psnr(delta_n[roi_mask]) if roi_mask is not None and roi_mask.any() else None,
-            "max_abs_delta": float(phys.max()) if phys.size else 0.0,
-            "changed_fraction": float(np.count_nonzero(delta_q) / max(1, delta_q.size)),
-            "delta": delta_name, "delta_sha256": hashlib.sha256(payload).hexdigest(),
-        }
-        if written and written.get("sop_instance_uids") and new_uids:
-            record["sop_instance_uids"] = [lc.image.extra.get("sop_instance_uids", [None])[i] for i in range(len(outs))]
-        _write_json(job.fragment(n), record)
+        out = _CaseOutput(n, lc.case, lc.image, lc.mapping, lc.paths, lc.label, delta.detach().float().cpu().numpy())
+        if job.writer is None:
+            _finish_case(job, out, budget, new_uids)
+        else:
+            job.writer.submit(_finish_case, job, out, budget, new_uids)
+    del deltas
+
+
+def _finish_case(job: _Job, out: _CaseOutput, budget: float, new_uids: bool) -> int:
+    """Quantise one perturbed case, write it in its format, copy its label, store its delta and, last, its fragment
+    (what marks it finished for ``--resume``). Runs on an I/O thread; touches only this case's files.
+
+    Returns:
+        1 (one case protected), for the progress bar.
+    """
+    src, case, mapping = out.image.array, out.case, out.mapping
+    roi = None if out.label is None else out.label.numpy()[0] > 0
+    out.label = None
+    stats = _DeltaStats(mapping, roi, src)
+    protected = np.empty(src.shape, src.dtype)
+    for index, block, delta_q in quantise_blocks(src, out.delta, mapping, budget, source=out.paths[0]):
+        protected[index] = block
+        stats.add(index, delta_q)
+    out.delta = None
+    del roi
+    codec = codec_for(out.paths if isinstance(case.image, list) else out.paths[0])
+    outs = [codec.output_relpath(p) for p in case.image_files]
+    targets = [str(job.stage / o) for o in outs]
+    options: dict[str, Any] = {}
+    if new_uids and codec.fmt == "dicom":
+        # new UIDs differ between runs with different settings, and repeat exactly on resume
+        options = {"new_uids": True, "uid_salt": _digest(job.config)}
+    written = codec.write(out.paths if codec.fmt == "dicom" else out.paths[0],
+                          targets if codec.fmt == "dicom" else targets[0], protected, **options)
+    label = None
+    if case.label is not None:
+        copy_atomic(job.spec.abspath(case.label), job.stage / case.label)
+        label = {"source": case.label, "output": case.label, "sha256": file_sha256(job.stage / case.label)}
+    delta_name = f"deltas/{out.n:06d}.npz"
+    payload = encode_delta(src, protected)
+    with atomic_path(job.cases_dir / f"{out.n:06d}.npz") as tmp:
+        tmp.write_bytes(payload)
+    record = {
+        "case_id": case.case_id, "split": case.split, "protected": True, "fmt": out.image.fmt,
+        "source": case.image_files, "output": outs,
+        "source_sha256": [file_sha256(p) for p in out.paths],
+        "files": [{"output": o, "sha256": file_sha256(job.stage / o)} for o in outs],
+        "label": label,
+        "array_sha256_source": array_sha256(src), "array_sha256_protected": array_sha256(protected),
+        "dtype": str(src.dtype), "shape": list(src.shape), "spatial_dims": out.image.spatial_dims,
+        "mapping": mapping.to_dict(),
+        **stats.record(),
+        "delta": delta_name, "delta_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    if written and written.get("sop_instance_uids") and new_uids:
+        record["sop_instance_uids"] = [out.image.extra.get("sop_instance_uids", [None])[i] for i in range(len(outs))]
+    _write_json(job.fragment(out.n), record)
+    return 1
+
+
+class _Writer:
+    """The run's writes, on its I/O threads, at most ``keep`` behind the perturbation.
+
+    Args:
+        pool: the run's I/O pool.
+        keep: cases whose writing may still be running when the next batch is perturbed.
+        on_done: called with each finished task's result, in submission order (progress).
+    """
+
+    def __init__(self, pool: IOPool, keep: int, on_done: Callable[[Any], None]) -> None:
+        self.pool, self.keep, self.on_done = pool, keep, on_done
+        self.window = OrderedWindow()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.window.append(self.pool.submit(fn, *args))
+        self.collect(self.keep)
+
+    def collect(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` writes are running; raises the first failed write's error (in case order)."""
+        for result in self.window.pop_ready(keep):
+            self.on_done(result)
+
+    def settle(self) -> None:
+        """After an error or an interrupt: let the running and queued writes finish, so every case that was
+        perturbed is kept for ``--resume``; their own errors are dropped (the first error is the one reported)."""
+        while len(self.window):
+            try:
+                self.collect(0)
+            except Exception:  # noqa: BLE001 - a failed write leaves no fragment: --resume redoes the case
+                continue
+
+
+def _case_bytes(lc: LoadedCase) -> int:
+    """Memory a decoded case holds (stored array, normalised tensor, label)."""
+    n = lc.image.array.nbytes + lc.tensor.element_size() * lc.tensor.numel()
+    return n + (0 if lc.label is None else lc.label.element_size() * lc.label.numel())
+
+
+def _protect_share(job: _Job, protector: protectors.Protector, chunks: list[list[int]], intensity: str,
+                   new_uids: bool, pool: IOPool, io_memory: int, after_batch: Callable[[list[int]], None],
+                   hint: str) -> None:
+    """Protect this rank's batches: decode batch ``k + 1`` on the I/O threads while batch ``k`` is perturbed here and
+    batch ``k - 1`` is written. A batch whose decoded data exceed half of ``io_memory`` is perturbed and written
+    alone (nothing decoded ahead, its writes finished before the next batch is decoded), so big volumes cost the
+    memory of one batch."""
+    spec = job.spec
+    loads: deque[tuple[list[int], list[Future]]] = deque()
+    nxt = 0
+
+    def load_next() -> None:
+        nonlocal nxt
+        chunk = chunks[nxt]
+        nxt += 1
+        loads.append((chunk, [pool.submit(load_case, spec, spec.cases[i], intensity) for i in chunk]))
+
+    try:
+        for _ in range(len(chunks)):
+            distributed.check_abort(job.work, "protecting", hint)
+            if not loads:
+                load_next()
+            chunk, futures = loads.popleft()
+            loaded = [(i, f.result()) for i, f in zip(chunk, futures)]  # the first unreadable case, in order
+            overlap = pool.threads > 0 and 2 * sum(_case_bytes(lc) for _, lc in loaded) <= io_memory
+            if overlap and nxt < len(chunks):
+                load_next()
+            _protect_batch(job, protector, loaded, new_uids)
+            del loaded
+            if not overlap and job.writer is not None:
+                job.writer.collect(0)
+            after_batch(chunk)
+    finally:
+        for _, futures in loads:  # decoded ahead and not needed any more
+            for f in futures:
+                f.cancel()
 
 
 def _copy_case(job: _Job, n: int, case: Case) -> None:
@@ -408,6 +606,7 @@ def protect_dataset(
     intensity: str = "auto",
     new_uids: bool = False,
     batch_size: int = 8,
+    io_threads: int | None = None,
 ) -> dict[str, Any]:
     """Protect a dataset and write the protected copy, its manifest and its restoration key.
 
@@ -428,6 +627,9 @@ def protect_dataset(
         intensity: normalisation policy (``auto``, ``dtype``, ``window``, ``minmax``, ``percentile``).
         new_uids: give written DICOM files new SOPInstanceUIDs (the originals are kept in the key).
         batch_size: cases per perturbation batch.
+        io_threads: threads that decode the next batch and write the previous one while a batch is perturbed
+            (``None``: one per core, at most 4; 0: everything on the calling thread). The output is the same bytes
+            whatever the number.
 
     Returns:
         Summary: ``output``, ``key``, ``manifest``, ``cases``, ``protected``, ``seconds``, ``psnr_mean``; under
@@ -460,21 +662,43 @@ def protect_dataset(
             return finished if world == 1 else {**finished, "rank": rank, "world_size": world}
         if job is None:
             job = _Job(spec, out, key_path, config, resume, create=False)
-        return _run(job, protector, protect_idx, copy_idx, intensity, new_uids, batch_size, progress and main, t0)
+        return _run(job, protector, protect_idx, copy_idx, intensity, new_uids, batch_size, progress and main, t0,
+                    io_threads)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run(job: _Job, protector: protectors.Protector, protect_idx: list[int], copy_idx: list[int], intensity: str,
-         new_uids: bool, batch_size: int, progress: bool, t0: float) -> dict[str, Any]:
+         new_uids: bool, batch_size: int, progress: bool, t0: float, io_threads: int | None = None) -> dict[str, Any]:
     """Fit (once), protect this rank's share of the unfinished cases, and finalise (rank 0): the job after setup."""
+    threads = default_io_threads() if io_threads is None else max(0, int(io_threads))
+    if threads:
+        _warm_up_readers()
+    with IOPool(threads) as pool:
+        _fit_and_protect(job, protector, protect_idx, copy_idx, intensity, new_uids, batch_size, progress, pool,
+                         IO_MEMORY)
+    return _finish_run(job, protector, t0)
+
+
+def _warm_up_readers() -> None:
+    """Import MONAI's readers on this thread before the I/O threads decode: first imports of a package in several
+    threads at once can fail on its import cycles."""
+    from monai.transforms import LoadImage
+
+    LoadImage(image_only=True)
+
+
+def _fit_and_protect(job: _Job, protector: protectors.Protector, protect_idx: list[int], copy_idx: list[int],
+                     intensity: str, new_uids: bool, batch_size: int, progress: bool, pool: IOPool,
+                     io_memory: int) -> None:
+    """Fit (once) and protect this rank's share of the unfinished cases, decoding and writing on ``pool``."""
     from tqdm.auto import tqdm
 
     spec = job.spec
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    hint = "finished cases are kept: fix the cause and rerun with --resume"
+    hint = _RESUME_HINT
 
     # fit on the training cases being protected (never on test), once; the state survives an interruption
     state_path = job.work / "protector.pt"
@@ -488,7 +712,9 @@ def _run(job: _Job, protector: protectors.Protector, protect_idx: list[int], cop
             else:
                 if main or together:
                     fit_idx = [i for i in protect_idx if spec.cases[i].split == "training"] or protect_idx
-                    items = [load_case(spec, spec.cases[i], intensity) for i in tqdm(fit_idx, desc="load", disable=not progress, unit="case")]
+                    futures = [pool.submit(load_case, spec, spec.cases[i], intensity) for i in fit_idx]
+                    items = [f.result() for f in tqdm(futures, desc="load", disable=not progress, unit="case")]
+                    del futures
                     protector.fit(_Samples(items), progress=progress, checkpoint=job.work / "fit.ckpt")
                     del items
                 if main:
@@ -507,17 +733,40 @@ def _run(job: _Job, protector: protectors.Protector, protect_idx: list[int], cop
     with distributed.stage("protecting", job.work, hint=hint), torch.no_grad(), tqdm(
             total=len(protect_idx), initial=len(protect_idx) - len(todo), desc=f"protect ({protector.name})",
             disable=not progress, unit="case") as bar:
-        for chunk in mine:
-            distributed.check_abort(job.work, "protecting", hint)
-            loaded = [(i, load_case(spec, spec.cases[i], intensity)) for i in chunk]
-            _protect_batch(job, protector, loaded, new_uids)
+
+        def count_case(protected: int | None) -> None:  # a write finished on an I/O thread
+            if world == 1 and protected:
+                bar.update(protected)
+
+        def count_batch(chunk: list[int]) -> None:
             if world > 1:  # the bar counts every rank's cases
                 bar.update(sum(job.done(i) for i in protect_idx) - bar.n)
-            else:
+            elif job.writer is None:  # written where perturbed
                 bar.update(len(chunk))
-        for i in copy_idx[rank::world]:
-            if not job.done(i):
-                _copy_case(job, i, spec.cases[i])
+
+        job.writer = _Writer(pool, keep=max(1, batch_size), on_done=count_case) if pool.threads else None
+        try:
+            _protect_share(job, protector, mine, intensity, new_uids, pool, io_memory, count_batch, hint)
+            for i in copy_idx[rank::world]:
+                if not job.done(i):
+                    if job.writer is None:
+                        _copy_case(job, i, spec.cases[i])
+                    else:
+                        job.writer.submit(_copy_case, job, i, spec.cases[i])
+            if job.writer is not None:
+                job.writer.collect(0)
+        finally:
+            if job.writer is not None:
+                job.writer.settle()
+            job.writer = None
+
+
+def _finish_run(job: _Job, protector: protectors.Protector, t0: float) -> dict[str, Any]:
+    """Finalise (rank 0, once every rank's fragments exist); every rank returns rank 0's summary."""
+    spec = job.spec
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    hint = _RESUME_HINT
     if world == 1:
         return _finalise(job, protector, t0)
     summary = None
