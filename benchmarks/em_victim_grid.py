@@ -34,7 +34,7 @@ from monai_umed.intensity import quantise
 from monai_umed.pipeline import _psnr, load_case
 from monai_umed.masks import contour_band, roi_mask
 from monai_umed.protectors.surrogate import Surrogate, augment_pair
-from monai_umed.protectors.umed import _gaussian_blur
+from monai_umed.protectors.release import gaussian_blur
 from monai_umed.evaluation.train import make_config, describe_data, train_victim, evaluate_victim, load_split
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -73,7 +73,7 @@ sig = [(H / a.work - 1) / 2, (W / a.work - 1) / 2]
 
 
 def down(x):  # MONAI Resize(anti_aliasing=True) stand-in
-    return F.interpolate(_gaussian_blur(x, sig), size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(gaussian_blur(x, sig), size=size, mode="bilinear", align_corners=False)
 
 
 def protected_low(idx, d):

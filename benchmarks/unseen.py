@@ -25,7 +25,6 @@ cases separately::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -45,19 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from monai_umed.protectors.base import case_seed
+from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.release import ReleasePath, linear_resize, quantise_st
 from monai_umed.protectors.surrogate import Surrogate, pad_to_multiple
 
-__all__ = ["RefineSettings", "ReleaseRefiner", "work_grid"]
-
-
-def work_grid(shape: Sequence[int], size: int | None) -> tuple[int, ...]:
-    """The work-grid shape of an image of spatial ``shape``: longest side ``size`` (None or larger: native)."""
-    shape = tuple(int(s) for s in shape)
-    if size is None or max(shape) <= size:
-        return shape
-    f = size / max(shape)
-    return tuple(max(1, int(round(s * f))) for s in shape)
+__all__ = ["RefineSettings", "ReleaseRefiner", "upsample", "upsample_limit"]
 
 
 def upsample(d: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -238,7 +230,7 @@ class ReleaseRefiner:
             self.history = list(state["history"])
             start = int(state["round"])
         for cid, x in zip(case_ids, images):
-            self.deltas.setdefault(cid, torch.zeros((x.shape[0],) + work_grid(x.shape[1:], st.work_size),
+            self.deltas.setdefault(cid, torch.zeros((x.shape[0],) + work_shape(x.shape[1:], st.work_size),
                                                    dtype=torch.float16))
         if self.history and self.history[-1]["dice"] >= st.stop_dice:
             return self.deltas
@@ -332,7 +324,7 @@ class ReleaseRefiner:
         n = st.unseen_steps if steps is None else int(steps)
         dev = self.surrogate.device
         x, y, lim = image[None].float().to(dev), torch.as_tensor(label)[None].long().to(dev), limit[None].float().to(dev)
-        shape = work_grid(image.shape[1:], st.work_size)
+        shape = work_shape(image.shape[1:], st.work_size)
         d = torch.zeros((1, image.shape[0]) + shape, device=dev) if init is None else init[None].float().to(dev)
         if n <= 0:
             return d[0].cpu()

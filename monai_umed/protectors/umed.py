@@ -73,13 +73,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.networks.layers.convutils import gaussian_1d
 from tqdm.auto import tqdm
 
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import ReleaseRefiner
+from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair
 from monai_umed.protectors.umed_release import UMedReleaseStage
 
@@ -603,7 +603,7 @@ class UMedProtector(UMedReleaseStage, Protector):
                 elif kind < 2 / 3 or sd == 3:
                     # MONAI Resize(anti_aliasing=True): Gaussian sigma = (1/scale - 1) / 2, then (bi/tri)linear
                     sig = [max(0.0, (n / m - 1.0) / 2.0) for n, m in zip(x.shape[2:], size)]
-                    x = F.interpolate(_gaussian_blur(x, sig), size=size, mode=linear, align_corners=False)
+                    x = F.interpolate(gaussian_blur(x, sig), size=size, mode=linear, align_corners=False)
                 else:
                     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
                 y = F.interpolate(y.float(), size=size, mode="nearest").long()
@@ -964,26 +964,6 @@ def _sample_spacing(sample: Mapping[str, Any], sd: int) -> tuple[float, ...] | N
         if a.ndim == 2 and a.shape[0] >= sd + 1:
             return tuple(float(v) for v in np.sqrt((a[:sd, :sd] ** 2).sum(axis=0)))
     return None
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian smoothing of a batch (B x C x spatial), differentiable; the kernel is MONAI's
-    ``gaussian_1d`` (``erf``, truncated at 4 sigma), as in ``GaussianSmooth`` and ``Resize(anti_aliasing=True)``."""
-    sd = x.ndim - 2
-    conv = F.conv2d if sd == 2 else F.conv3d
-    c = x.shape[1]
-    for d in range(sd):
-        s = float(sigma[d])
-        if s <= 0:
-            continue
-        k = gaussian_1d(torch.tensor(s), truncated=4.0, approx="erf", normalize=False).to(x)
-        r = (k.numel() - 1) // 2
-        shape = [1] * (sd + 2)
-        shape[2 + d] = k.numel()
-        pad = [0, 0] * sd
-        pad[2 * (sd - 1 - d)] = pad[2 * (sd - 1 - d) + 1] = r
-        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(shape).expand(c, *shape[1:]).contiguous(), groups=c)
-    return x
 
 
 def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:

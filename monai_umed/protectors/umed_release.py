@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from monai_umed.protectors.base import case_seed
-from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner, work_grid
+from monai_umed.protectors.pgd import work_shape
+from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner
 from monai_umed.protectors.release import ReleasePath
 from monai_umed.protectors.surrogate import Surrogate
 
@@ -155,7 +156,7 @@ class UMedReleaseStage:
         if cid is not None and cid in self.refiner.deltas:
             d = self.refiner.deltas[cid].float().to(x.device)
         elif self.refine_steps > 0:
-            shape = work_grid(x.shape[1:], self.refiner.settings.work_size)
+            shape = work_shape(x.shape[1:], self.refiner.settings.work_size)
             init = F.interpolate(generated[None].float(), size=shape, mode="area")[0]
             with torch.enable_grad():
                 d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", init=init,
