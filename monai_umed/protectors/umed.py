@@ -821,7 +821,9 @@ class UMedProtector(UMedReleaseStage, Protector):
                 x = torch.stack([torch.as_tensor(images[i]).detach().float().cpu() for i in chunk]).to(self.device)
                 m_c, m_roi, a_c, a_t, limit = (torch.stack([prepared[i][k] for i in chunk]).to(self.device)
                                                for k in range(5))
-                if not bool((limit > 0).any()):
+                stored = self.refiner is not None and all(
+                    case_ids[i] is not None and str(case_ids[i]) in self.refiner.deltas for i in chunk)
+                if stored or not bool((limit > 0).any()):  # refined training cases need no generator pass
                     deltas = torch.zeros_like(x)
                 else:
                     inp = self._gen_inputs(x, m_c, m_roi)
