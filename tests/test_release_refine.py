@@ -187,3 +187,16 @@ def test_energy_projection_holds_the_budget(mode):
     if mode == "sparse":  # few strong cells rather than a faint dense pattern
         assert float((p[0] != 0).float().mean()) < 0.2
         assert float(p[0].abs().max()) > float(ReleaseRefiner.project_energy(d, lim, energy, "scale")[0].abs().max())
+
+
+def test_distilled_output_is_scaled_up_to_the_energy_budget():
+    from monai_umed.protectors.umed_release import UMedReleaseStage
+
+    limit = torch.zeros(1, 40, 40)
+    limit[:, 10:30, 10:30] = 8 / 255
+    faint = (torch.rand(1, 40, 40, generator=torch.Generator().manual_seed(0)) - 0.5) * 1e-3 * (limit > 0)
+    energy = 1e-5
+    filled = UMedReleaseStage._fill_energy(faint, limit, energy)
+    assert torch.all(filled.abs() <= limit + 1e-7)
+    assert 0.9 * energy <= float(filled.double().pow(2).mean()) <= energy * 1.0001
+    assert torch.equal(UMedReleaseStage._fill_energy(faint, limit, None), faint)
