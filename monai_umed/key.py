@@ -146,9 +146,10 @@ def write_key(path: str | os.PathLike, record: dict[str, Any], deltas: Iterable[
         os.chmod(tmp, 0o600)  # the key is the owner's secret
 
 
-# what zipfile raises on a damaged member: bad CRC or header (BadZipFile), bad deflate stream (zlib.error), a member
-# cut short (EOFError), an offset past the end (OSError, struct.error), a flipped method or flag bit
-# (NotImplementedError, RuntimeError: "encrypted"), a garbled size or name (ValueError, UnicodeDecodeError)
+# Every exception zipfile raises when a member is damaged, caught so that a damaged key is reported, not a traceback:
+# bad CRC or header (BadZipFile), bad deflate stream (zlib.error), a member cut short (EOFError), an offset past the
+# end (OSError, struct.error), a flipped compression-method bit (zipfile raises NotImplementedError for an unknown
+# method) or encryption bit (RuntimeError "encrypted"), a garbled size or name (ValueError, UnicodeDecodeError).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, struct.error, NotImplementedError, RuntimeError,
                ValueError)
 

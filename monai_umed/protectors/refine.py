@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from monai_umed.protectors.base import case_seed
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.release import ReleasePath, linear_resize, quantise_st
-from monai_umed.protectors.surrogate import Surrogate, pad_to_multiple
+from monai_umed.protectors.surrogate import Surrogate, foreground_dice, pad_to_multiple
 
 __all__ = ["RefineSettings", "ReleaseRefiner", "upsample", "upsample_limit"]
 
@@ -247,7 +247,8 @@ class ReleaseRefiner:
                     d = torch.stack([self.deltas[case_ids[i]] for i in idx]).float().to(x.device)
                     with torch.no_grad():
                         xv, yv = self._view(x, y, d, lim, g)
-                    loss, dice = self._train_step(xv, yv)
+                    loss, logits = self.surrogate.step(xv, yv)
+                    dice = foreground_dice(logits.argmax(1, keepdim=True), yv)
                     loss_sum, dice_sum, n = loss_sum + loss * len(idx), dice_sum + dice * len(idx), n + len(idx)
             rec = {"round": r, "dice": dice_sum / max(n, 1), "loss": loss_sum / max(n, 1)}
             if rec["dice"] < st.stop_dice and st.pgd_steps > 0:
@@ -286,24 +287,11 @@ class ReleaseRefiner:
         lr = sur.optimizer.param_groups[0]["lr"]
         sur.optimizer = type(sur.optimizer)(sur.model.parameters(), lr=lr)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        sur = self.surrogate
-        sur.model.train()
-        sur.optimizer.zero_grad(set_to_none=True)
-        logits = sur.logits(x)
-        loss = sur.loss_fn(logits, y)
-        loss.backward()
-        sur.optimizer.step()
-        pred = logits.detach().argmax(1, keepdim=True)
-        fg_p, fg_t = pred > 0, y > 0
-        dice = float(2 * (fg_p & fg_t & (pred == y)).sum() / (fg_p.sum() + fg_t.sum()).clamp_min(1))
-        return float(loss.detach()), dice
-
     def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, float]:
         """``steps`` sign-descent steps of the surrogate's loss, each through a fresh random view, projected on
         the budget map and the energy budget."""
-        alpha = upsample_limit(lim, d.shape[2:]) * self.settings.step_fraction
         bound = upsample_limit(lim, d.shape[2:])
+        alpha = bound * self.settings.step_fraction
         total = 0.0
         for _ in range(steps):
             d = d.detach().requires_grad_(True)

@@ -20,8 +20,6 @@ Error-minimising noise is only as strong as what survives this path (METHODS.md 
 - :func:`quantise_st`: rounding to ``levels`` steps with a straight-through gradient;
 - :class:`ReleasePath`: the random victim view of a batch of written images (expectation over grids, normalisation,
   flips, rotations and jitter), differentiable with respect to the images;
-- :func:`psnr_amplitude`: the per-case amplitude that keeps the whole-image PSNR of a perturbation confined to a
-  footprint at a target, in whole grey levels.
 
 All functions take channel-first batches (``B x C x spatial``), 2D or 3D.
 """
@@ -36,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.convutils import gaussian_1d
 
-__all__ = ["quantise_st", "gaussian_blur", "antialias_resize", "linear_resize", "axis_matrix", "ReleasePath",
-           "psnr_amplitude", "psnr"]
+__all__ = ["quantise_st", "gaussian_blur", "antialias_resize", "linear_resize", "axis_matrix", "ReleasePath", "psnr"]
 
 
 def quantise_st(x: torch.Tensor, levels: int | None) -> torch.Tensor:
@@ -121,35 +118,6 @@ def psnr(delta: torch.Tensor) -> torch.Tensor:
     """Per-case whole-image PSNR (dB) of a batch of normalised perturbations (peak 1)."""
     mse = delta.double().pow(2).flatten(1).mean(1)
     return torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-30)), torch.full_like(mse, float("inf")))
-
-
-def psnr_amplitude(
-    footprint: torch.Tensor, target_psnr: float, cap: float, levels: int | None = 255, floor: float | None = None
-) -> torch.Tensor:
-    """Per-case L-inf amplitude of a perturbation confined to ``footprint`` that keeps the PSNR at ``target_psnr``.
-
-    A perturbation of amplitude ``a`` on a fraction ``f`` of the voxels has ``MSE <= a^2 f``; the amplitude is the
-    largest one with ``10 log10(1 / (a^2 f)) >= target_psnr``, at most ``cap``, floored to whole steps of
-    ``1 / levels`` (so the rounded, written perturbation stays inside it), and at least ``floor`` (default one step).
-
-    Args:
-        footprint: B x C x spatial masks (bool or {0, 1}).
-        target_psnr: PSNR in dB (peak 1).
-        cap: largest amplitude (normalised units).
-        levels: steps of the written dtype (None: no flooring).
-        floor: smallest amplitude (default ``1 / levels``, or 0 for float data).
-
-    Returns:
-        B amplitudes in normalised units.
-    """
-    frac = footprint.float().flatten(1).mean(1).clamp_min(1e-12)
-    a = torch.sqrt(10.0 ** (-target_psnr / 10.0) / frac).clamp(max=cap)
-    if levels:
-        a = torch.floor(a * levels + 1e-6) / levels
-        lo = 1.0 / levels if floor is None else floor
-    else:
-        lo = 0.0 if floor is None else floor
-    return a.clamp(min=min(lo, cap))
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-__all__ = ["Surrogate", "pad_to_multiple", "collate_padded", "augment_pair"]
+__all__ = ["Surrogate", "pad_to_multiple", "collate_padded", "augment_pair", "foreground_dice"]
 
 
 def pad_to_multiple(x: torch.Tensor, k: int, shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -57,6 +57,18 @@ def collate_padded(
     x = torch.stack([pad_to_multiple(i, k, target) for i in images])
     y = torch.stack([pad_to_multiple(torch.as_tensor(l_), k, target) for l_ in labels])
     return x, y, shapes
+
+
+def foreground_dice(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean foreground Dice of a batch prediction (argmax labels), over the classes present in either map."""
+    k = int(max(int(y.max()), int(pred.max()), 1))
+    vals = []
+    for c in range(1, k + 1):
+        p, t = pred == c, y == c
+        denom = int(p.sum() + t.sum())
+        if denom:
+            vals.append(2.0 * float((p & t).sum()) / denom)
+    return sum(vals) / len(vals) if vals else 1.0
 
 
 def augment_pair(
@@ -125,15 +137,20 @@ class Surrogate:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                    augment: bool = True) -> float:
         """One Adam step on ``(x, y)`` (detached), with :func:`augment_pair` when ``augment``."""
-        self.model.train()
         x, y = x.detach(), y.detach()
         if augment:
             x, y = augment_pair(x, y, generator)
+        return self.step(x, y)[0]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """One Adam step on ``(x, y)`` as given (no augmentation); returns the loss and the detached logits."""
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x, y)
+        logits = self.model(x.detach())
+        loss = self.loss_fn(logits, y.detach().long())
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return float(loss.detach()), logits.detach()
 
     @torch.no_grad()
     def dice(self, x: torch.Tensor, y: torch.Tensor) -> float:

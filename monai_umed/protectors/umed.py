@@ -80,7 +80,7 @@ from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import ReleaseRefiner
 from monai_umed.protectors.release import gaussian_blur
-from monai_umed.protectors.surrogate import Surrogate, augment_pair
+from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_release import UMedReleaseStage
 
 __all__ = ["UMedProtector"]
@@ -751,14 +751,9 @@ class UMedProtector(UMedReleaseStage, Protector):
                 xp = self._quantise_st(base, delta.detach(), levels).clamp(0.0, 1.0)
                 for _ in range(self.n_sur):
                     xa, ya = self._standin(xp, y, g, sur.multiple)
-                    sur.model.train()
-                    sur.optimizer.zero_grad(set_to_none=True)
-                    logits = sur.logits(xa)
-                    l_s = sur.loss_fn(logits, ya)
-                    l_s.backward()
-                    sur.optimizer.step()
-                    sur_losses.append(float(l_s.detach()))
-                    dices.append(_dice(logits.detach().argmax(1, keepdim=True), ya))
+                    l_s, logits = sur.step(xa, ya)
+                    sur_losses.append(l_s)
+                    dices.append(foreground_dice(logits.argmax(1, keepdim=True), ya))
                 inner.set_postfix(gen=f"{gen_losses[-1]:.3f}", dice=f"{dices[-1] if dices else 0:.3f}")
             rec = {
                 "epoch": epoch,
@@ -966,18 +961,6 @@ def _sample_spacing(sample: Mapping[str, Any], sd: int) -> tuple[float, ...] | N
         if a.ndim == 2 and a.shape[0] >= sd + 1:
             return tuple(float(v) for v in np.sqrt((a[:sd, :sd] ** 2).sum(axis=0)))
     return None
-
-
-def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean foreground Dice of a batch prediction (classes present in either map)."""
-    k = int(max(int(y.max()), int(pred.max()), 1))
-    vals = []
-    for c in range(1, k + 1):
-        p, t = pred == c, y == c
-        denom = int(p.sum() + t.sum())
-        if denom:
-            vals.append(2.0 * float((p & t).sum()) / denom)
-    return float(np.mean(vals)) if vals else 1.0
 
 
 def _atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -50,8 +50,8 @@ class UMedReleaseStage:
     """Mixin of :class:`~monai_umed.protectors.umed.UMedProtector`: the refinement, distillation and energy cap."""
 
     refiner: ReleaseRefiner | None = None
-    #: mean regression loss per distillation epoch
-    distil_history: list[dict[str, float]] = []
+    #: mean regression loss per distillation epoch (a fresh list per fit or load; empty until then)
+    distil_history: Sequence[dict[str, float]] = ()
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def _refine_settings(self, sd: int) -> RefineSettings:
