@@ -432,18 +432,43 @@ def _protect_batch(job: _Job, protector: protectors.Protector, loaded: list[tupl
         [lc.case.case_id for _, lc in loaded],
     )
     budget = float(getattr(protector, "max_epsilon", protector.epsilon))
+    floor = getattr(protector, "min_psnr", None)
     for (n, lc), delta in zip(loaded, deltas):
         out = _CaseOutput(n, lc.case, lc.image, lc.mapping, lc.paths, lc.label, delta.detach().float().cpu().numpy())
         if job.writer is None:
-            _finish_case(job, out, budget, new_uids)
+            _finish_case(job, out, budget, new_uids, floor)
         else:
-            job.writer.submit(_finish_case, job, out, budget, new_uids)
+            job.writer.submit(_finish_case, job, out, budget, new_uids, floor)
     del deltas
 
 
-def _finish_case(job: _Job, out: _CaseOutput, budget: float, new_uids: bool) -> int:
-    """Quantise one perturbed case, write it in its format, copy its label, store its delta and, last, its fragment
-    (what marks it finished for ``--resume``). Runs on an I/O thread; touches only this case's files.
+def _quantise_case(src: np.ndarray, delta: np.ndarray, mapping: IntensityMapping, budget: float,
+                   roi: np.ndarray | None, source: str, floor: float | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The protected array in the stored dtype and its manifest figures (:class:`_DeltaStats`).
+
+    With a PSNR ``floor`` (the protector's ``min_psnr``), a perturbation whose written PSNR falls below it is scaled
+    down and quantised again until it holds: rounding to the stored grey levels (steps the protector may not know,
+    e.g. 8-bit cases among float ones, or a window wider than 255 levels) adds energy, and the floor is a promise about
+    the file, not about the float perturbation.
+    """
+    for _ in range(16):
+        stats = _DeltaStats(mapping, roi, src)
+        protected = np.empty(src.shape, src.dtype)
+        for index, block, delta_q in quantise_blocks(src, delta, mapping, budget, source=source):
+            protected[index] = block
+            stats.add(index, delta_q)
+        record = stats.record()
+        if floor is None or record["psnr"] >= floor:
+            break
+        # MSE scales with the square of the factor; the margin absorbs the rounding of the scaled perturbation
+        delta = delta * (10.0 ** ((record["psnr"] - floor) / 20.0) * 0.98)
+    return protected, record
+
+
+def _finish_case(job: _Job, out: _CaseOutput, budget: float, new_uids: bool, floor: float | None = None) -> int:
+    """Quantise one perturbed case (keeping its written PSNR at or above ``floor`` when given), write it in its
+    format, copy its label, store its delta and, last, its fragment (what marks it finished for ``--resume``). Runs
+    on an I/O thread; touches only this case's files.
 
     Returns:
         1 (one case protected), for the progress bar.
@@ -451,11 +476,7 @@ def _finish_case(job: _Job, out: _CaseOutput, budget: float, new_uids: bool) -> 
     src, case, mapping = out.image.array, out.case, out.mapping
     roi = None if out.label is None else out.label.numpy()[0] > 0
     out.label = None
-    stats = _DeltaStats(mapping, roi, src)
-    protected = np.empty(src.shape, src.dtype)
-    for index, block, delta_q in quantise_blocks(src, out.delta, mapping, budget, source=out.paths[0]):
-        protected[index] = block
-        stats.add(index, delta_q)
+    protected, figures = _quantise_case(src, out.delta, mapping, budget, roi, out.paths[0], floor)
     out.delta = None
     del roi
     codec = codec_for(out.paths if isinstance(case.image, list) else out.paths[0])
@@ -484,7 +505,7 @@ def _finish_case(job: _Job, out: _CaseOutput, budget: float, new_uids: bool) -> 
         "array_sha256_source": array_sha256(src), "array_sha256_protected": array_sha256(protected),
         "dtype": str(src.dtype), "shape": list(src.shape), "spatial_dims": out.image.spatial_dims,
         "mapping": mapping.to_dict(),
-        **stats.record(),
+        **figures,
         "delta": delta_name, "delta_sha256": hashlib.sha256(payload).hexdigest(),
     }
     if written and written.get("sop_instance_uids") and new_uids:

@@ -207,3 +207,38 @@ def test_released_files_are_readable_and_key_is_private(ds2d: Path, tmp_path: Pa
         if p.is_file():
             assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(Path(s["key"]).stat().st_mode) == 0o600
+
+
+def test_psnr_floor_holds_on_the_written_file(ds2d: Path, tmp_path: Path) -> None:
+    """A protector's ``min_psnr`` is a promise about the file: rounding to the stored grey levels must not break it
+    (a dense Gaussian perturbation of one grey level RMS rounds to about 47.8 dB unless the pipeline scales it
+    down)."""
+    import torch
+
+    from monai_umed.protectors.base import Protector
+
+    class Flat(Protector):
+        name = "flat"
+        fits = False
+        min_psnr = 50.0
+
+        def perturbation(self, image, label=None, case_id=None):
+            g = self.generator(case_id)
+            return torch.randn(image.shape, generator=g) / 255
+
+    out = tmp_path / "out"
+    summary = protect_dataset(ds2d, out, protector=Flat(epsilon=8 / 255), split="training", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cases = [c for c in manifest["cases"] if c.get("protected")]
+    assert cases and summary
+    for c in cases:
+        clean = decoded(ds2d / c["source"][0]).astype(np.float64)
+        written = decoded(out / c["output"][0]).astype(np.float64)
+        mse = np.mean((written - clean) ** 2)
+        assert mse > 0  # still perturbed
+        assert 10 * np.log10(255.0 ** 2 / mse) >= 50.0
+        assert c["psnr"] >= 50.0
+    restored = tmp_path / "restored"
+    restore_dataset(out, tmp_path / "out.umedkey", restored)
+    for c in cases:
+        assert np.array_equal(decoded(restored / c["source"][0]), decoded(ds2d / c["source"][0]))
