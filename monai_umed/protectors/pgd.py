@@ -273,6 +273,8 @@ class SampleWiseProtector(Protector):
 
     fits = True
     alpha_fraction: float = 0.1
+    #: parameters that are upper bounds on fitting: a checkpoint written with other values is resumed all the same
+    resume_bounds: tuple[str, ...] = ("epochs",)
 
     def __init__(
         self,
@@ -603,8 +605,9 @@ class SampleWiseProtector(Protector):
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if state.get("name") != self.name:
             raise ValueError(f"{checkpoint}: checkpoint of method {state.get('name')!r}, not {self.name!r}")
-        mine = {k: v for k, v in self.params().items() if k != "epochs"}
-        theirs = {k: v for k, v in state.get("params", {}).items() if k != "epochs"}
+        bounds = self.resume_bounds  # upper bounds: a fit may be resumed with more
+        mine = {k: v for k, v in self.params().items() if k not in bounds}
+        theirs = {k: v for k, v in state.get("params", {}).items() if k not in bounds}
         if mine != theirs:
             raise ValueError(f"{checkpoint}: checkpoint was written with other parameters ({theirs} != {mine})")
         cases = state.get("progress", {}).get("cases")

@@ -49,7 +49,16 @@ from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.release import ReleasePath, linear_resize, quantise_st
 from monai_umed.protectors.surrogate import Surrogate, foreground_dice, pad_to_multiple
 
-__all__ = ["RefineSettings", "ReleaseRefiner", "upsample", "upsample_limit"]
+__all__ = [
+    "RefineSettings",
+    "ReleaseRefiner",
+    "upsample",
+    "upsample_limit",
+    "cap_energy",
+    "psnr_energy",
+    "floor_to_levels",
+    "grey_levels",
+]
 
 
 def upsample(d: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -353,3 +362,62 @@ def upsample_limit(limit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return limit
     pool = F.adaptive_max_pool2d if limit.ndim == 4 else F.adaptive_max_pool3d
     return pool(limit, tuple(shape))
+
+
+# -- helpers shared by the release stages (UMed, EM, SALM) ---------------------------------------------------------
+def psnr_energy(min_psnr: float | None) -> float | None:
+    """The largest mean squared perturbation of a case (normalised units, peak 1) at a PSNR of ``min_psnr`` dB:
+    ``10 ** (-min_psnr / 10)``; None without a floor."""
+    return None if min_psnr is None else 10.0 ** (-float(min_psnr) / 10.0)
+
+
+def grey_levels(images: Sequence[torch.Tensor], levels: int = 255, tol: float = 1e-3) -> int | None:
+    """``levels`` when every image lies on the grid of ``1 / levels`` steps (8-bit data read into ``[0, 1]``),
+    None otherwise (float data: no rounding in the release path)."""
+    for x in images:
+        v = torch.as_tensor(x).detach().float() * levels
+        if bool((v - v.round()).abs().max() >= tol):
+            return None
+    return int(levels)
+
+
+def floor_to_levels(limit: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """A budget map floored to whole grey levels (``levels`` steps; None or 0: unchanged), so that an 8-bit image
+    rounded after ``x + delta`` with ``|delta| <= limit`` stays inside the map."""
+    if not levels:
+        return limit
+    return torch.floor(limit * levels + 1e-4) / levels
+
+
+def cap_energy(x: torch.Tensor, delta: torch.Tensor, energy: float | None, levels: int | None) -> torch.Tensor:
+    """The perturbation as it will be written, scaled down until its mean squared value is at most ``energy``.
+
+    What is written is ``x + delta`` clipped to ``[0, 1]`` and rounded to ``levels`` grey levels; the returned
+    perturbation is that written image minus the stored one, so the per-case PSNR floor (``energy`` from
+    :func:`psnr_energy`) holds on the file, not only before rounding.
+
+    Args:
+        x: C x spatial image in ``[0, 1]``.
+        delta: its perturbation (same shape).
+        energy: the largest mean squared perturbation (None: no cap, only clipping and rounding).
+        levels: grey levels of the written dtype (255 for 8-bit data; None or 0: float files, no rounding).
+
+    Returns:
+        The written perturbation (same shape as ``x``).
+    """
+    base = torch.round(x * levels) if levels else x  # the stored grey levels (x itself for 8-bit data)
+
+    def written(d: torch.Tensor) -> torch.Tensor:
+        xp = (x + d).clamp(0.0, 1.0)
+        return (torch.round(xp * levels) - base) / levels if levels else xp - x
+
+    out = written(delta)
+    if energy is None:
+        return out
+    for _ in range(50):
+        mse = float(out.double().pow(2).mean())
+        if mse <= energy:
+            break
+        delta = delta * (math.sqrt(energy / mse) * 0.995)
+        out = written(delta)
+    return out

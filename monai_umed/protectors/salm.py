@@ -27,6 +27,14 @@ reduced) the delta is upsampled and multiplied by the nearest-neighbour upsample
 file's own image, so the file is perturbed only inside both. For a case not seen in fit the support of its optimised
 delta plays the union's role.
 
+Release stage (``release=True``, ours; the machinery is EM's, :mod:`monai_umed.protectors.em`): SALM first runs its
+own min-min as above to find its sparse mask, then refines one perturbation per case through the release path
+(:class:`~monai_umed.protectors.refine.ReleaseRefiner`, shared with UMed) inside the budget map ``epsilon`` times that
+mask (:meth:`SALMProtector.selection_mask`: the union of the top-``k`` selections inside the tissue mask ``S``, at
+native resolution), with an optional per-case PSNR floor ``min_psnr``; the written perturbation stays exactly 0
+outside the mask. A case not seen in fit gets its mask from SALM's per-case optimisation, then ``steps`` refinement
+steps inside it. From the command line: ``--param salm.release=true --param salm.min_psnr=50``.
+
 Example::
 
     p = SALMProtector(epsilon=8 / 255, k=0.1, tau=0.02)
@@ -37,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -83,7 +92,9 @@ class SALMProtector(EMProtector):
         steps: PGD steps per round (default 10).
         rounds: maximum rounds (default 10); ``epochs``, when given, replaces it.
         stop_dice: stop at this surrogate training Dice (default 0.99).
-        kwargs: see :class:`~monai_umed.protectors.em.EMProtector`.
+        kwargs: see :class:`~monai_umed.protectors.em.EMProtector` (among them the release stage: ``release``,
+            ``min_psnr``, ``victim_grids``, ``refine_rounds``, ``refine_pgd``, ``refine_surrogate_epochs``,
+            ``refine_reset``, ``refine_stop``, ``refine_size``).
     """
 
     name = "salm"
@@ -113,6 +124,24 @@ class SALMProtector(EMProtector):
 
     def _init_delta(self, x: torch.Tensor, case_id: str) -> torch.Tensor:
         return torch.zeros_like(x)
+
+    def _fit_footprint(self, ws: WorkSet, batches: list[list[int]], checkpoint: Path | None, progress: bool) -> None:
+        """Before the release stage: SALM's own min-min, whose selections (:attr:`masks`) are its footprint."""
+        self._run_min_min(ws, batches, checkpoint, progress)
+
+    def release_footprint(self, image: torch.Tensor, label: torch.Tensor | None, case_id: str | None) -> torch.Tensor:
+        """SALM's sparse mask of a case (1 x spatial bool, native grid, :meth:`selection_mask`); a case not seen in
+        fit is optimised by SALM first (against its frozen surrogate) and the support of its delta is used.
+
+        Args:
+            image: C x spatial image in ``[0, 1]``.
+            label: its 1 x spatial labels (needed for an unseen case).
+            case_id: the case.
+        """
+        if case_id is not None and case_id in self.deltas:
+            return self.selection_mask(image, case_id)
+        delta_w = self._optimise_unseen(image, label, case_id)
+        return self.selection_mask(image, case_id, delta_w)
 
     def _update_mask(self, b: _Batch):
         region = tissue_mask(b.x, self.tau) & (b.valid > 0)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from monai_umed.protectors.base import case_seed
 from monai_umed.protectors.pgd import work_shape
-from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner
+from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner, cap_energy
 from monai_umed.protectors.release import ReleasePath
 from monai_umed.protectors.surrogate import Surrogate
 
@@ -183,22 +183,5 @@ class UMedReleaseStage:
     def _cap_energy(self, x: torch.Tensor, delta: torch.Tensor, energy: float | None) -> torch.Tensor:
         """The perturbation as it will be written (rounded to the data's grey levels and clipped to ``[0, 1]``),
         scaled down until its mean squared value is at most ``energy``: the per-case PSNR floor ``min_psnr`` holds on
-        the file, not only before rounding."""
-        levels = self._levels_resolved
-
-        base = torch.round(x * levels) if levels else x  # the stored grey levels (x itself for 8-bit data)
-
-        def written(d: torch.Tensor) -> torch.Tensor:
-            xp = (x + d).clamp(0.0, 1.0)
-            return (torch.round(xp * levels) - base) / levels if levels else xp - x
-
-        out = written(delta)
-        if energy is None:
-            return out
-        for _ in range(50):
-            mse = float(out.double().pow(2).mean())
-            if mse <= energy:
-                break
-            delta = delta * (math.sqrt(energy / mse) * 0.995)
-            out = written(delta)
-        return out
+        the file, not only before rounding (:func:`~monai_umed.protectors.refine.cap_energy`)."""
+        return cap_energy(x, delta, energy, self._levels_resolved)
