@@ -71,9 +71,11 @@ def test_release_path_views_are_paired_and_seeded():
         ReleasePath(normalise="bogus")
 
 
-def test_refinement_stays_inside_the_budget_after_quantisation():
+@pytest.mark.parametrize("step", ["sign", "scaled"])
+def test_refinement_stays_inside_the_budget_after_quantisation(step):
     samples = _samples()
-    p = UMedProtector(**FAST).fit(samples, progress=False)
+    p = UMedProtector(**{**FAST, "refine_step": step}).fit(samples, progress=False)
+    assert p.params()["refine_step"] == step
     assert p.refiner is not None and len(p.refiner.history) == 2
     for rec in p.refiner.history:  # the round log: the surrogate's training Dice and loss, the PGD loss
         assert {"round", "dice", "loss", "pgd_loss"} <= set(rec)

@@ -85,6 +85,12 @@ class RefineSettings:
             ``sparse`` (keep the strongest work-grid cells at full strength, zero the weakest: few, strong marks
             instead of a faint dense pattern, which an anti-aliased resize attenuates less and a network picks up
             more easily).
+        step: ``sign`` (each work-grid cell moves by ``step_fraction * limit``, whatever its gradient) or
+            ``scaled`` (each cell moves in proportion to its gradient, normalised by the case's root mean square
+            gradient over the footprint). Under an energy budget (an L2 ball) ``scaled`` spends the energy where the
+            loss responds to it: the release path passes low frequencies almost intact and attenuates the work grid's
+            highest ones to about half, and sign steps spend as much energy on a cell the victim barely sees as on
+            one it sees well.
     """
 
     rounds: int = 20
@@ -97,8 +103,11 @@ class RefineSettings:
     unseen_steps: int = 10
     reset_every: int = 0
     energy_mode: str = "scale"
+    step: str = "sign"
 
     def __post_init__(self) -> None:
+        if self.step not in ("sign", "scaled"):
+            raise ValueError(f"refine: step must be sign or scaled, got {self.step!r}")
         if self.energy_mode not in ("scale", "sparse"):
             raise ValueError(f"refine: energy_mode must be scale or sparse, got {self.energy_mode!r}")
         if self.reset_every < 0:
@@ -296,8 +305,18 @@ class ReleaseRefiner:
         lr = sur.optimizer.param_groups[0]["lr"]
         sur.optimizer = type(sur.optimizer)(sur.model.parameters(), lr=lr)
 
+    def _direction(self, grad: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        """The step direction per cell (times ``step_fraction * bound``): the gradient's sign, or (``scaled``) the
+        gradient over its root mean square on the case's footprint (cells with a non-zero bound)."""
+        if self.settings.step == "sign":
+            return grad.sign()
+        inside = (bound > 0).to(grad.dtype)
+        dims = tuple(range(1, grad.ndim))
+        rms = ((grad.pow(2) * inside).sum(dims, keepdim=True) / inside.sum(dims, keepdim=True).clamp_min(1.0)).sqrt()
+        return grad / rms.clamp_min(1e-12)
+
     def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, float]:
-        """``steps`` sign-descent steps of the surrogate's loss, each through a fresh random view, projected on
+        """``steps`` descent steps (:attr:`RefineSettings.step`) of the surrogate's loss, each through a fresh random view, projected on
         the budget map and the energy budget."""
         bound = upsample_limit(lim, d.shape[2:])
         alpha = bound * self.settings.step_fraction
@@ -308,7 +327,7 @@ class ReleaseRefiner:
             loss = self.surrogate.loss(xv, yv)
             (grad,) = torch.autograd.grad(loss, d)
             with torch.no_grad():
-                d = torch.maximum(torch.minimum(d - alpha * grad.sign(), bound), -bound)
+                d = torch.maximum(torch.minimum(d - alpha * self._direction(grad, bound), bound), -bound)
                 d = self.project_energy(d, lim, energy, self.settings.energy_mode)
             total += float(loss.detach())
         return d.detach(), total / max(steps, 1)

@@ -170,6 +170,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_reset: re-initialise the refinement surrogate every this many rounds (0: never).
         refine_energy: ``scale`` or ``sparse``: how the refinement keeps a case inside its energy budget
             (:class:`~monai_umed.protectors.refine.RefineSettings`).
+        refine_step: ``sign`` or ``scaled``: the refinement's descent step
+            (:attr:`~monai_umed.protectors.refine.RefineSettings.step`).
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -229,6 +231,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_steps: int = 0,
         refine_reset: int = 3,
         refine_energy: str = "scale",
+        refine_step: str = "sign",
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -298,6 +301,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.distil_epochs = int(distil_epochs)
         self.refine_reset = int(refine_reset)
         self.refine_energy = str(refine_energy)
+        self.refine_step = str(refine_step)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         if isinstance(victim_grids, str) and victim_grids.lower() == "auto":
@@ -885,6 +889,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             "distil_epochs": self.distil_epochs,
             "refine_reset": self.refine_reset,
             "refine_energy": self.refine_energy,
+            "refine_step": self.refine_step,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
@@ -927,7 +932,8 @@ class UMedProtector(UMedReleaseStage, Protector):
             if key in p:
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
-                    "refine_stop", "refine_size", "refine_reset", "refine_energy", "release_normalise", "release_jitter"):
+                    "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
+                    "release_jitter"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:
