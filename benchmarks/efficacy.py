@@ -31,7 +31,9 @@ or above a PSNR.
 ``--protocol release,paper`` judges every row under each protocol (:mod:`monai_umed.evaluation.protocols`):
 ``release`` (default) trains the victim on the written files through its own pipeline; ``paper`` adds the key's
 protector's float perturbation to the clean images and trains without rounding or random augmentation (the
-published protocol). Every row states its protocol and the victims' final training losses (an unlearnable copy
+published protocol). For a 2D dataset that the victim resizes, the ``paper`` rows use their own copy of the training
+split on the victim's grid (``OUT/dataset_grid``, :func:`~monai_umed.evaluation.protocols.victim_grid_dataset`),
+with each method's protector fitted on it (``OUT/protected_METHOD_grid``), as the published code does. Every row states its protocol and the victims' final training losses (an unlearnable copy
 shows the protected victim's loss below the clean one's while its test Dice stays low).
 
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
@@ -55,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monai_umed.errors import InputError  # noqa: E402
 from monai_umed.evaluation import DEFAULT_EPOCHS, evaluate  # noqa: E402
 from monai_umed.evaluation.metrics import read_native  # noqa: E402
-from monai_umed.evaluation.protocols import PROTOCOLS  # noqa: E402
+from monai_umed.evaluation.protocols import PROTOCOLS, victim_grid_dataset  # noqa: E402
 from monai_umed.evaluation.report import fmt, markdown_table, write_json, write_markdown  # noqa: E402
 from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
 from monai_umed.intensity import parse_epsilon  # noqa: E402
@@ -253,19 +255,23 @@ def _run(args: argparse.Namespace) -> int:
     for method in methods:
         t0 = time.perf_counter()
         is_clean = base[method] == "clean"
-        if is_clean:
-            protected, psum = dataset, {"seconds": 0.0}
-        else:
-            psum = protect(dataset, args.out, method, base[method], args, params[method], epsilons[method])
-            protected = Path(psum["output"])
         for protocol in protocols:
+            # the paper protocol perturbs images on the victim's grid: a 2D row fits its protector on a resized copy
+            on_grid = protocol == "paper" and image_size is not None and spatial_dims == 2
+            data = victim_grid_dataset(dataset, args.out / "dataset_grid", image_size) if on_grid else dataset
+            label = f"{method}_grid" if on_grid else method
+            if is_clean:
+                protected, psum = data, {"seconds": 0.0}
+            else:
+                psum = protect(data, args.out, label, base[method], args, params[method], epsilons[method])
+                protected = Path(psum["output"])
             print(f"[efficacy] {method}: evaluating ({args.victim}, {protocol} protocol)", file=sys.stderr, flush=True)
             name = f"eval_{method}.json" if protocol == "release" else f"eval_{method}_{protocol}.json"
-            rep = evaluate(dataset, protected, victim=args.victim, defences=args.defence or ["none"],
+            rep = evaluate(data, protected, victim=args.victim, defences=args.defence or ["none"],
                            epochs=args.epochs, seed=args.seed, image_size=image_size, device=args.device,
                            cache_dir=args.cache_dir, epsilon=epsilons[method], threads=threads, report=args.out / name,
                            progress=not args.quiet, protocol=protocol,
-                           key=None if is_clean else args.out / f"protected_{method}.umedkey")
+                           key=None if is_clean else args.out / f"protected_{label}.umedkey")
             reports[f"{method}/{protocol}"] = str(args.out / name)
             rows += _rows(method, protocol, is_clean, epsilons[method], rep, psum, t0)
             first_rep = rep

@@ -16,8 +16,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from test_evaluate import _write_2d
+
+from monai_umed.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +62,7 @@ def test_labelled_rows_and_table(tmp_path, capsys):
 
 
 def test_paper_and_release_rows(tmp_path, capsys):
-    data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=32, ext=".png")
+    data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=48, ext=".png")
     out = tmp_path / "out"
     args = [str(data), "--methods", "clean,noise", "--protocol", "release,paper", "--epochs", "1", "--image-size",
             "32", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
@@ -74,6 +79,33 @@ def test_paper_and_release_rows(tmp_path, capsys):
     assert rows[("noise", "paper")]["psnr"] != rows[("noise", "release")]["psnr"]
     rep = json.loads((out / "eval_noise_paper.json").read_text())
     assert rep["protocol"] == "paper" and rep["config"]["augment"] is False
+    # the paper rows fit and perturb on the victim's grid: a 32-px copy of the training split, its own protected copy
+    grid = json.loads((out / "dataset_grid" / "dataset.json").read_text())
+    assert rep["datasets"]["train_cases"] == len(grid["training"]) == 4
+    assert Image.open(out / "dataset_grid" / grid["training"][0]["image"]).size == (32, 32)
+    assert (out / "protected_noise_grid").is_dir() and (out / "protected_noise_grid.umedkey").is_file()
+    assert (out / "dataset_grid" / grid["test"][0]["image"]).resolve() == (data / grid["test"][0]["image"]).resolve()
+
+
+def test_victim_grid_dataset_resizes_like_the_victim(tmp_path):
+    from monai.transforms import Resize
+
+    from monai_umed.evaluation.protocols import victim_grid_dataset
+
+    data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
+    out = victim_grid_dataset(data, tmp_path / "grid", 12)
+    meta, src = json.loads((out / "dataset.json").read_text()), json.loads((data / "dataset.json").read_text())
+    for e, o in zip(src["training"], meta["training"]):
+        img = np.asarray(Image.open(data / e["image"])).astype(np.float32)
+        chw = torch.from_numpy(np.ascontiguousarray(img.reshape(32, 32, -1).transpose(2, 0, 1)))
+        want = np.asarray(Resize((12, 12), mode="bilinear", anti_aliasing=True)(chw)).round().clip(0, 255)
+        got = np.asarray(Image.open(out / o["image"])).astype(np.float32).reshape(12, 12, -1).transpose(2, 0, 1)
+        np.testing.assert_array_equal(got, want)
+        lab = np.asarray(Image.open(out / o["label"]))
+        assert lab.shape == (12, 12) and set(np.unique(lab)) <= set(np.unique(np.asarray(Image.open(data / e["label"]))))
+    assert victim_grid_dataset(data, tmp_path / "grid", 12) == out  # a finished copy is reused
+    with pytest.raises(InputError):
+        victim_grid_dataset(data, tmp_path / "grid3d", (12, 12, 12))
 
 
 @pytest.mark.parametrize("methods, extra", [("clean,nonexistent", []), ("a=noise,a=noise", []),
