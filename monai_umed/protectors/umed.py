@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
-from monai_umed.protectors.refine import ReleaseRefiner
+from monai_umed.protectors.refine import ReleaseRefiner, floor_to_levels
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_release import UMedReleaseStage
@@ -390,9 +390,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         a_t = self.epsilon_t * bound
         limit = torch.where(mc_f > 0, a_c, a_t) if self.mode != "texture" else a_t
         a_c, a_t, limit = a_c * scale, a_t * scale, limit * scale
-        if self._levels_resolved > 0:
-            limit = torch.floor(limit * self._levels_resolved + 1e-4) / self._levels_resolved
-        return a_c, a_t, limit
+        return a_c, a_t, floor_to_levels(limit, self._levels_resolved)
 
     def _case_stats(
         self, img: torch.Tensor, lab: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from monai_umed.protectors.base import case_seed
 from monai_umed.protectors.pgd import work_shape
-from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner, cap_energy
+from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner, cap_energy, psnr_energy
 from monai_umed.protectors.release import ReleasePath
 from monai_umed.protectors.surrogate import Surrogate
 
@@ -75,7 +75,7 @@ class UMedReleaseStage:
 
     def _energy(self) -> float | None:
         """The largest mean squared perturbation of a case (``min_psnr``), normalised units."""
-        return None if self.min_psnr is None else 10.0 ** (-self.min_psnr / 10.0)
+        return psnr_energy(self.min_psnr)
 
     # -- fitting ----------------------------------------------------------------------------------------------------
     def _refine(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]], channels: int,
