@@ -400,11 +400,14 @@ def grey_levels(images: Sequence[torch.Tensor], levels: int = 255, tol: float = 
     return int(levels)
 
 
-def floor_to_levels(limit: torch.Tensor, levels: int | None) -> torch.Tensor:
+def floor_to_levels(limit: torch.Tensor, levels: int | None, inplace: bool = False) -> torch.Tensor:
     """A budget map floored to whole grey levels (``levels`` steps; None or 0: unchanged), so that an 8-bit image
-    rounded after ``x + delta`` with ``|delta| <= limit`` stays inside the map."""
+    rounded after ``x + delta`` with ``|delta| <= limit`` stays inside the map (``inplace``: in ``limit``'s own
+    memory, the same values)."""
     if not levels:
         return limit
+    if inplace:
+        return limit.mul_(levels).add_(1e-4).floor_().div_(levels)
     return torch.floor(limit * levels + 1e-4) / levels
 
 

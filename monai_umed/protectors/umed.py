@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
-from monai_umed.protectors.refine import ReleaseRefiner, floor_to_levels
+from monai_umed.protectors.refine import ReleaseRefiner, floor_to_levels, psnr_energy
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_release import UMedReleaseStage
@@ -381,35 +381,65 @@ class UMedProtector(UMedReleaseStage, Protector):
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(a_c, a_t, limit)`` for an image (or a crop of one, with the whole image's texture ``stats``)."""
-        mc_f = m_c.to(torch.float32).expand_as(img)
+        return self._scaled(*self._unit_maps(img, lab, m_c, m_roi, stats), scale)
+
+    def _unit_maps(
+        self,
+        img: torch.Tensor,
+        lab: torch.Tensor,
+        m_c: torch.Tensor,
+        m_roi: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a_c, a_t, limit)`` at energy scale 1, not floored to grey levels; three distinct tensors (the callers
+        scale them in place, so a big volume holds each map once)."""
         if self.mode == "contour" or stats is None:
-            bound = torch.zeros_like(img)
-        else:
-            bound = texture_bound(img, lab, self.texture_window, self.b_min, stats=stats)
-        a_c = self.epsilon_c * mc_f if self.mode != "texture" else torch.zeros_like(img)
-        a_t = self.epsilon_t * bound
-        limit = torch.where(mc_f > 0, a_c, a_t) if self.mode != "texture" else a_t
-        a_c, a_t, limit = a_c * scale, a_t * scale, limit * scale
-        return a_c, a_t, floor_to_levels(limit, self._levels_resolved)
+            a_t = torch.zeros_like(img)
+        else:  # the bound is not needed afterwards: a_t takes its memory
+            a_t = texture_bound(img, lab, self.texture_window, self.b_min, stats=stats).mul_(self.epsilon_t)
+        if self.mode == "texture":
+            return torch.zeros_like(img), a_t, a_t.clone()
+        mc_f = m_c.to(torch.float32).expand_as(img)
+        a_c = self.epsilon_c * mc_f
+        limit = torch.where(mc_f > 0, a_c, a_t)
+        return a_c, a_t, limit
+
+    def _scaled(
+        self, a_c: torch.Tensor, a_t: torch.Tensor, limit: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The maps of :meth:`_unit_maps` times the energy scale, the limit floored to whole grey levels (in place)."""
+        if scale != 1.0:
+            a_c.mul_(scale), a_t.mul_(scale), limit.mul_(scale)
+        return a_c, a_t, floor_to_levels(limit, self._levels_resolved, inplace=True)
+
+    def _texture_stats(self, img: torch.Tensor, lab: torch.Tensor,
+                       m_roi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The texture-energy levels of :func:`texture_stats` (None when the texture map is not used)."""
+        if self.mode != "contour" and bool(m_roi.any()):
+            return texture_stats(img, lab, self.texture_window, self.texture_quantiles)
+        return None
+
+    def _energy_scale(self, limit: torch.Tensor) -> float:
+        """The scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation (the unscaled,
+        unfloored ``limit``) at ``min_psnr`` or above; 1 without ``min_psnr``. The mean square is summed in float64
+        a block at a time, so a big volume needs no float64 copy of itself."""
+        if self.min_psnr is None:
+            return 1.0
+        flat = limit.reshape(-1)
+        total = sum(float(part.double().square_().sum()) for part in flat.split(1 << 22))
+        mse = total / max(flat.numel(), 1)
+        target = psnr_energy(self.min_psnr)
+        return math.sqrt(target / mse) if mse > target else 1.0
 
     def _case_stats(
         self, img: torch.Tensor, lab: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
         """Whole-image quantities of a case: the texture-energy levels of :func:`texture_stats` and the energy
         scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation >= ``min_psnr``."""
-        stats = None
-        if self.mode != "contour" and bool(m_roi.any()):
-            stats = texture_stats(img, lab, self.texture_window, self.texture_quantiles)
-        scale = 1.0
-        if self.min_psnr is not None:
-            saved, self._levels_resolved = self._levels_resolved, 0
-            limit = self._maps(img, lab, m_c, m_roi, stats, 1.0)[2]
-            self._levels_resolved = saved
-            mse = float((limit.double() ** 2).mean())
-            target = 10.0 ** (-self.min_psnr / 10.0)
-            if mse > target:
-                scale = math.sqrt(target / mse)
-        return stats, scale
+        stats = self._texture_stats(img, lab, m_roi)
+        if self.min_psnr is None:
+            return stats, 1.0
+        return stats, self._energy_scale(self._unit_maps(img, lab, m_c, m_roi, stats)[2])
 
     def _case_maps(
         self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None, full: bool = False
@@ -426,8 +456,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         img = torch.as_tensor(image).detach().cpu().float()
         lab = torch.as_tensor(label).detach().cpu()
         m_c, m_roi = self._regions(image, lab, spacing)
-        stats, scale = self._case_stats(img, lab, m_c, m_roi)
-        return (m_c, m_roi) + self._maps(img, lab, m_c, m_roi, stats, 1.0 if full else scale)
+        a_c, a_t, limit = self._unit_maps(img, lab, m_c, m_roi, self._texture_stats(img, lab, m_roi))
+        return (m_c, m_roi) + self._scaled(a_c, a_t, limit, 1.0 if full else self._energy_scale(limit))
 
     @staticmethod
     def _combine(
@@ -452,12 +482,12 @@ class UMedProtector(UMedReleaseStage, Protector):
 
     def _gen_inputs(self, x: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor) -> torch.Tensor:
         """Generator input ``[x, M_c, M_roi]`` at generator resolution."""
-        inp = torch.cat([x, m_c.to(x.dtype), m_roi.to(x.dtype)], dim=1)
+        parts = [x, m_c, m_roi]
         s = self._gen_scale()
-        if s > 1.0:
+        if s > 1.0:  # area pooling works channel by channel: pooling each part spares a native-size concatenation
             size = [max(1, int(round(n / s))) for n in x.shape[2:]]
-            inp = F.interpolate(inp, size=size, mode="area")
-        return inp
+            parts = [F.interpolate(p.to(x.dtype), size=size, mode="area") for p in parts]
+        return torch.cat([p.to(x.dtype) for p in parts], dim=1)
 
     def _gen_forward(self, inp: torch.Tensor) -> torch.Tensor:
         """Both generators on a generator-resolution input; returns ``[raw_c, raw_t]`` stacked on channels."""
@@ -474,16 +504,35 @@ class UMedProtector(UMedReleaseStage, Protector):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generator outputs upsampled to the native size: ``(raw_c, raw_t)``."""
         c = int(self.in_channels or 1)
-        if sliding:
-            roi = self._sw_roi()
-            out = sliding_window_inference(inp, roi, self.infer_batch_size, self._gen_forward,
-                                           overlap=self.sw_overlap, mode="gaussian", padding_mode="replicate")
-        else:
-            out = self._gen_forward(inp)
-        if tuple(out.shape[2:]) != tuple(native):
-            mode = "bilinear" if self._sd() == 2 else "trilinear"
-            out = F.interpolate(out, size=tuple(native), mode=mode, align_corners=False)
+        out = self._upsample(self._raw_small(inp, sliding), native)
         return out[:, :c], out[:, c:]
+
+    def _raw_small(self, inp: torch.Tensor, sliding: bool = False) -> torch.Tensor:
+        """Both generators' outputs ``[raw_c, raw_t]`` at generator resolution (sliding windows when asked)."""
+        if sliding:
+            return sliding_window_inference(inp, self._sw_roi(), self.infer_batch_size, self._gen_forward,
+                                            overlap=self.sw_overlap, mode="gaussian", padding_mode="replicate")
+        return self._gen_forward(inp)
+
+    def _upsample(self, out: torch.Tensor, native: Sequence[int]) -> torch.Tensor:
+        """Generator-resolution outputs to the native size (bilinear/trilinear; unchanged when already there)."""
+        if tuple(out.shape[2:]) == tuple(native):
+            return out
+        mode = "bilinear" if self._sd() == 2 else "trilinear"
+        return F.interpolate(out, size=tuple(native), mode=mode, align_corners=False)
+
+    def _apply(self, x: torch.Tensor, small: torch.Tensor, a_c: torch.Tensor, a_t: torch.Tensor,
+               limit: torch.Tensor) -> torch.Tensor:
+        """:meth:`_combine` of the generator-resolution outputs ``small`` without gradients, one generator's output
+        upsampled at a time and every step in place: the same values, with about two native-size volumes of
+        temporaries instead of eight (what lets a 512 x 512 x 300 CT protect in a few GB)."""
+        c = int(self.in_channels or 1)
+        native = x.shape[2:]
+        delta = self._upsample(small[:, :c], native).tanh_().mul_(a_c)
+        delta.add_(self._upsample(small[:, c:], native).tanh_().mul_(a_t))
+        torch.minimum(delta, limit, out=delta)
+        torch.maximum(delta, limit.neg(), out=delta)
+        return delta.add_(x).clamp_(0.0, 1.0).sub_(x)
 
     def _sw_roi(self) -> tuple[int, ...]:
         sd = self._sd()
@@ -815,9 +864,12 @@ class UMedProtector(UMedReleaseStage, Protector):
         for shape, idx in groups.items():
             for j in range(0, len(idx), self.infer_batch_size):
                 chunk = idx[j: j + self.infer_batch_size]
-                x = torch.stack([torch.as_tensor(images[i]).detach().float().cpu() for i in chunk]).to(self.device)
-                m_c, m_roi, a_c, a_t, limit = (torch.stack([prepared[i][k] for i in chunk]).to(self.device)
-                                               for k in range(5))
+                # one case: views, not stacked copies (a big volume's maps are held once)
+                x = torch.stack([torch.as_tensor(images[i]).detach().float().cpu() for i in chunk]) \
+                    if len(chunk) > 1 else torch.as_tensor(images[chunk[0]]).detach().float().cpu()[None]
+                x = x.to(self.device)
+                m_c, m_roi, a_c, a_t, limit = ((torch.stack([prepared[i][k] for i in chunk]) if len(chunk) > 1
+                                                else prepared[chunk[0]][k][None]).to(self.device) for k in range(5))
                 stored = self.refiner is not None and all(
                     case_ids[i] is not None and str(case_ids[i]) in self.refiner.deltas for i in chunk)
                 if stored or not bool((limit > 0).any()):  # refined training cases need no generator pass
@@ -825,13 +877,13 @@ class UMedProtector(UMedReleaseStage, Protector):
                 else:
                     inp = self._gen_inputs(x, m_c, m_roi)
                     sliding = any(n > r for n, r in zip(inp.shape[2:], roi))
-                    if sliding and len(chunk) > 1:
-                        raws = [self._raw(inp[k: k + 1], shape[1:], sliding=True) for k in range(len(chunk))]
-                        raw_c = torch.cat([r[0] for r in raws])
-                        raw_t = torch.cat([r[1] for r in raws])
+                    if sliding and len(chunk) > 1:  # one case at a time: windows never mix cases
+                        small = torch.cat([self._raw_small(inp[k: k + 1], True) for k in range(len(chunk))])
                     else:
-                        raw_c, raw_t = self._raw(inp, shape[1:], sliding=sliding)
-                    deltas = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
+                        small = self._raw_small(inp, sliding)
+                    del inp
+                    deltas = self._apply(x, small, a_c, a_t, limit)
+                    del small
                 if self.refiner is not None:  # the release stage: refined, distilled, energy-capped
                     for k, i in enumerate(chunk):
                         deltas[k] = self._refined(x[k], limit[k], deltas[k], labels[i], case_ids[i])
