@@ -48,6 +48,8 @@ from monai_umed.protectors.pgd import SampleWiseProtector, WorkSet, _Batch, linf
 from monai_umed.protectors.refine import (
     RefineSettings,
     ReleaseRefiner,
+    auto_victim_grids,
+    auto_work_size,
     cap_energy,
     floor_to_levels,
     grey_levels,
@@ -122,7 +124,8 @@ class EMProtector(SampleWiseProtector):
         refine_surrogate_epochs: release-stage surrogate passes over the training set per round (default 3).
         refine_reset: re-initialise the release-stage surrogate every this many rounds (default 3; 0: never).
         refine_stop: stop the release stage when its surrogate's training Dice over a round reaches this (0.95).
-        refine_size: longest side of the release-stage work grid (``auto``: 128 in 2D, native in 3D).
+        refine_size: longest side of the release-stage work grid (``auto``: half the smallest victim grid in 2D, cells
+            of 2 x 2 victim pixels; native in 3D; see :func:`~monai_umed.protectors.refine.auto_work_size`).
         kwargs: see :class:`~monai_umed.protectors.pgd.SampleWiseProtector` (``work_size``, ``batch_size``,
             ``surrogate_channels``, ``lr``, ``augment``, ``resample_prob``, ``resample_scale``, ``spatial_dims``,
             ``seed``, ``epochs``, ``device``).
@@ -306,14 +309,14 @@ class EMProtector(SampleWiseProtector):
         return int(self.spatial_dims or 2)
 
     def _refine_settings(self, sd: int) -> RefineSettings:
-        size = (128 if sd == 2 else None) if self.refine_size == "auto" else self.refine_size
+        size = auto_work_size(sd, auto_victim_grids(sd, self.victim_grids), self.refine_size)
         return RefineSettings(rounds=self.refine_rounds, pgd_steps=self.refine_pgd,
                               surrogate_epochs=self.refine_surrogate_epochs, stop_dice=self.refine_stop,
                               batch_size=self._batch_size(), work_size=size, unseen_steps=self.steps,
                               reset_every=self.refine_reset)
 
     def _release_path(self, sd: int) -> ReleasePath:
-        grids = ((128,) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
+        grids = auto_victim_grids(sd, self.victim_grids)
         return ReleasePath(grids=grids, normalise="minmax" if sd == 2 else "zscore")
 
     def _new_refiner(self) -> ReleaseRefiner:

@@ -58,6 +58,8 @@ __all__ = [
     "psnr_energy",
     "floor_to_levels",
     "grey_levels",
+    "auto_victim_grids",
+    "auto_work_size",
 ]
 
 
@@ -384,6 +386,30 @@ def upsample_limit(limit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 # -- helpers shared by the release stages (UMed, EM, SALM) ---------------------------------------------------------
+def auto_victim_grids(spatial_dims: int, grids: Any = "auto") -> tuple[int, ...]:
+    """The victim grids a release stage optimises for: ``auto`` is ``(128,)`` in 2D (the size a Kvasir-style trainer
+    resizes to) and the native grid (``()``) in 3D; anything else is returned as a tuple of ints."""
+    if grids == "auto":
+        return (128,) if spatial_dims == 2 else ()
+    return tuple(int(g) for g in (grids or ()))
+
+
+def auto_work_size(spatial_dims: int, grids: Sequence[int], size: Any = "auto") -> int | None:
+    """The refinement's work grid (longest side; None: native): ``auto`` is half the smallest victim grid in 2D and
+    native in 3D; anything else is returned as given.
+
+    Half the victim grid makes every work-grid cell exactly 2 x 2 victim pixels: the pattern survives the trainer's
+    anti-aliased resize (measured on Kvasir, 352 -> 128 px, 200 images: a 128-cell grid took the victim from 57.9 % to
+    45.6 %, a 64-cell grid to 26.0 %), and a cell covers the same victim pixels under every flip and 90-degree
+    rotation (a 48-cell grid, 2.67 pixels per cell, protected nothing: 56.7 %; a 32-cell grid, 4 x 4 pixels,
+    little: 53.9 %)."""
+    if size != "auto":
+        return size
+    if spatial_dims != 2:
+        return None
+    return max(8, min(grids) // 2) if grids else 128
+
+
 def psnr_energy(min_psnr: float | None) -> float | None:
     """The largest mean squared perturbation of a case (normalised units, peak 1) at a PSNR of ``min_psnr`` dB:
     ``10 ** (-min_psnr / 10)``; None without a floor."""

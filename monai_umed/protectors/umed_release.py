@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 
 from monai_umed.protectors.base import case_seed
 from monai_umed.protectors.pgd import work_shape
-from monai_umed.protectors.refine import RefineSettings, ReleaseRefiner, cap_energy, psnr_energy
+from monai_umed.protectors.refine import (
+    RefineSettings,
+    ReleaseRefiner,
+    auto_victim_grids,
+    auto_work_size,
+    cap_energy,
+    psnr_energy,
+)
 from monai_umed.protectors.release import ReleasePath
 from monai_umed.protectors.surrogate import Surrogate
 
@@ -55,7 +62,7 @@ class UMedReleaseStage:
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def _refine_settings(self, sd: int) -> RefineSettings:
-        size = (128 if sd == 2 else None) if self.refine_size == "auto" else self.refine_size
+        size = auto_work_size(sd, auto_victim_grids(sd, self.victim_grids), self.refine_size)
         rounds = 12 if self.refine_rounds is None else self.refine_rounds
         return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
                               stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
@@ -63,7 +70,7 @@ class UMedReleaseStage:
                               energy_mode=self.refine_energy, step=self.refine_step)
 
     def _release_path(self, sd: int) -> ReleasePath:
-        grids = ((128,) if sd == 2 else ()) if self.victim_grids == "auto" else self.victim_grids
+        grids = auto_victim_grids(sd, self.victim_grids)
         norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
         return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter)
 
