@@ -24,13 +24,7 @@ EPS = 8 / 255
 TINY = {"work_size": None, "steps": 3, "batch_size": 2, "surrogate_channels": (4, 8), "epochs": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(i: int, kind: str) -> dict:

@@ -34,13 +34,7 @@ TINY = {"steps": 2, "batch_size": 3, "surrogate_channels": (4, 8), "work_size": 
         "seed": 0, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(i: int) -> dict:
