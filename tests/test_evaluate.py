@@ -131,6 +131,12 @@ def test_evaluate_2d_report_schema_figure_and_cache(tmp_path):
     assert again["dice_protected"] == again["dice_clean"]
     assert again["psnr"] is None and again["imperceptibility"]["identical_cases"] == 6
     assert again["max_abs_delta"] == 0.0
+    # part of a copy: the first N cases of both lists, for both victims and the imperceptibility figures
+    part = evaluate(clean, prot, image_size=32, cache_dir=cache, max_train=2, **FAST)
+    assert part["datasets"]["train_cases"] == 2 and part["imperceptibility"]["cases"] == 2
+    assert part["imperceptibility"]["per_case"] == rep["imperceptibility"]["per_case"][:2]
+    with pytest.raises(InputError):
+        evaluate(clean, prot, image_size=32, cache_dir=cache, max_train=0, **FAST)
 
 
 def test_evaluate_3d_multiclass(tmp_path):

@@ -150,6 +150,7 @@ def evaluate(
     progress: bool = True,
     protocol: str = "release",
     key: str | os.PathLike | None = None,
+    max_train: int | None = None,
 ) -> dict[str, Any]:
     """Judge a protected dataset: victims trained on protected and clean files, Dice on clean test images.
 
@@ -183,6 +184,8 @@ def evaluate(
             protector's float perturbation on the clean images, no rounding, no random augmentation, for both
             victims); see :mod:`~monai_umed.evaluation.protocols`.
         key: the protected copy's restoration key (``paper`` only; default ``PROTECTED.umedkey`` beside it).
+        max_train: train both victims on the first ``max_train`` training cases only (the same cases of the same
+            protected copy: e.g. a bigger victim judged on part of a copy protected as a whole).
 
     Returns:
         The report (see :data:`~monai_umed.evaluation.report.REPORT_KEYS`).
@@ -199,10 +202,13 @@ def evaluate(
     n_threads = resolve_threads(threads)
     torch.set_num_threads(n_threads)
     try:
+        if max_train is not None and int(max_train) < 1:
+            raise InputError(f"max_train must be at least 1, got {max_train}")
         clean_train = load_split(clean_dataset, "training")
         test = load_split(clean_dataset, test_key)
         prot_train = load_split(protected_dataset, "training")
-        pairs = pair_training_lists(clean_train, prot_train)
+        pairs = pair_training_lists(clean_train, prot_train)[:max_train]
+        clean_train, prot_train = [c for c, _ in pairs], [p for _, p in pairs]
         info = describe_data(clean_dataset, clean_train, image_size)
         p_first = read_native(prot_train[0]["image"])
         if p_first.ndim - 1 != info["spatial_dims"] or p_first.shape[0] != info["in_channels"]:
@@ -228,7 +234,7 @@ def evaluate(
             if not key.is_file():
                 raise InputError("the paper protocol needs the protected copy's key (--key)", str(key))
             _log(progress, f"paper protocol: float perturbations of {len(clean_train)} training cases from {key}")
-            prot_data = paper_training_list(clean_dataset, key, device=str(dev), progress=progress)
+            prot_data = paper_training_list(clean_dataset, key, device=str(dev), progress=progress)[:max_train]
             if len(prot_data) != len(clean_train):
                 raise InputError(f"the key's dataset has {len(prot_data)} training cases, the clean one "
                                  f"{len(clean_train)}", str(key))
@@ -387,6 +393,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--epsilon", type=_epsilon, default=8 / 255,
                    help="protection budget in normalised units (adv_train defaults to half of it; default 8/255)")
     p.add_argument("--test-key", default="test", help="the clean dataset's test list (default test)")
+    p.add_argument("--max-train", type=int, default=None, metavar="N",
+                   help="train both victims on the first N training cases only (default all)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="release",
                    help="release (default): victims train on the written files through their own pipeline; paper: "
                    "the key's protector adds its float perturbation to the clean images, no rounding, no random "
@@ -427,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         protocol=args.protocol,
         key=args.key,
+        max_train=args.max_train,
     )
     print(report_markdown(report))
     if args.report:
