@@ -200,13 +200,13 @@ def test_distilled_output_is_scaled_up_to_the_energy_budget():
     assert torch.equal(UMedReleaseStage._fill_energy(faint, limit, None), faint)
 
 
-def test_auto_work_grid_is_half_the_victim_grid():
+def test_auto_work_grid():
     from monai_umed.protectors.refine import auto_victim_grids, auto_work_size
 
     assert auto_victim_grids(2) == (128,) and auto_victim_grids(3) == ()
     assert auto_victim_grids(2, [256, 128]) == (256, 128)
-    assert auto_work_size(2, (128,)) == 64 and auto_work_size(2, (256, 128)) == 64
+    assert auto_work_size(2, (128,)) == 128 and auto_work_size(2, (256,)) == 128
     assert auto_work_size(2, ()) == 128 and auto_work_size(3, ()) is None
-    assert auto_work_size(2, (128,), 96) == 96 and auto_work_size(2, (128,), None) is None
+    assert auto_work_size(2, (128,), 64) == 64 and auto_work_size(2, (128,), None) is None
     p = UMedProtector(spatial_dims=2)
-    assert p._refine_settings(2).work_size == 64
+    assert p._refine_settings(2).work_size == 128

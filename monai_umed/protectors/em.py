@@ -124,8 +124,8 @@ class EMProtector(SampleWiseProtector):
         refine_surrogate_epochs: release-stage surrogate passes over the training set per round (default 3).
         refine_reset: re-initialise the release-stage surrogate every this many rounds (default 3; 0: never).
         refine_stop: stop the release stage when its surrogate's training Dice over a round reaches this (0.95).
-        refine_size: longest side of the release-stage work grid (``auto``: half the smallest victim grid in 2D, cells
-            of 2 x 2 victim pixels; native in 3D; see :func:`~monai_umed.protectors.refine.auto_work_size`).
+        refine_size: longest side of the release-stage work grid (``auto``: 128 in 2D, native in 3D; see
+            :func:`~monai_umed.protectors.refine.auto_work_size`).
         kwargs: see :class:`~monai_umed.protectors.pgd.SampleWiseProtector` (``work_size``, ``batch_size``,
             ``surrogate_channels``, ``lr``, ``augment``, ``resample_prob``, ``resample_scale``, ``spatial_dims``,
             ``seed``, ``epochs``, ``device``).

@@ -165,8 +165,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_pgd: refinement PGD steps per case and round.
         refine_surrogate_epochs: refinement surrogate passes over the training set per round.
         refine_stop: stop refining when the refinement surrogate's training Dice over a round reaches this.
-        refine_size: longest side of the refinement work grid (``auto``: half the smallest victim grid in 2D, cells of
-            2 x 2 victim pixels; native in 3D; see :func:`~monai_umed.protectors.refine.auto_work_size`).
+        refine_size: longest side of the refinement work grid (``auto``: 128 in 2D, native in 3D; see
+            :func:`~monai_umed.protectors.refine.auto_work_size`).
         refine_steps: refinement PGD steps for a case not seen in fit, on top of the generators' output.
         refine_reset: re-initialise the refinement surrogate every this many rounds (0: never).
         refine_energy: ``scale`` or ``sparse``: how the refinement keeps a case inside its energy budget
