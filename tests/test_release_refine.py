@@ -205,8 +205,7 @@ def test_auto_work_grid():
 
     assert auto_victim_grids(2) == (128,) and auto_victim_grids(3) == ()
     assert auto_victim_grids(2, [256, 128]) == (256, 128)
-    assert auto_work_size(2, (128,)) == 128 and auto_work_size(2, (256,)) == 128
-    assert auto_work_size(2, ()) == 128 and auto_work_size(3, ()) is None
-    assert auto_work_size(2, (128,), 64) == 64 and auto_work_size(2, (128,), None) is None
+    assert auto_work_size(2) == 128 and auto_work_size(3) is None
+    assert auto_work_size(2, 64) == 64 and auto_work_size(2, None) is None
     p = UMedProtector(spatial_dims=2)
     assert p._refine_settings(2).work_size == 128

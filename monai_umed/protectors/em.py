@@ -309,7 +309,7 @@ class EMProtector(SampleWiseProtector):
         return int(self.spatial_dims or 2)
 
     def _refine_settings(self, sd: int) -> RefineSettings:
-        size = auto_work_size(sd, auto_victim_grids(sd, self.victim_grids), self.refine_size)
+        size = auto_work_size(sd, self.refine_size)
         return RefineSettings(rounds=self.refine_rounds, pgd_steps=self.refine_pgd,
                               surrogate_epochs=self.refine_surrogate_epochs, stop_dice=self.refine_stop,
                               batch_size=self._batch_size(), work_size=size, unseen_steps=self.steps,

@@ -62,7 +62,7 @@ class UMedReleaseStage:
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def _refine_settings(self, sd: int) -> RefineSettings:
-        size = auto_work_size(sd, auto_victim_grids(sd, self.victim_grids), self.refine_size)
+        size = auto_work_size(sd, self.refine_size)
         rounds = 12 if self.refine_rounds is None else self.refine_rounds
         return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
                               stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
