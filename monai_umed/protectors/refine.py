@@ -60,6 +60,9 @@ __all__ = [
     "grey_levels",
     "auto_victim_grids",
     "auto_work_size",
+    "as_victim_grids",
+    "as_work_size",
+    "build_refiner",
 ]
 
 
@@ -392,6 +395,85 @@ def auto_victim_grids(spatial_dims: int, grids: Any = "auto") -> tuple[int, ...]
     if grids == "auto":
         return (128,) if spatial_dims == 2 else ()
     return tuple(int(g) for g in (grids or ()))
+
+
+def as_victim_grids(value: Any) -> str | tuple[int, ...]:
+    """Parse a release stage's ``victim_grids`` parameter (the inverse of how ``params`` records it).
+
+    Args:
+        value: ``auto`` (any case); None, False, 0, ``none`` or an empty string or sequence (the images' own grid);
+            an int; a sequence of ints; or a string such as ``128,256`` or ``128x256`` (``none`` items are skipped).
+
+    Returns:
+        ``"auto"`` or a tuple of grid sizes (empty: the images' own grid).
+
+    Raises:
+        ValueError: a grid size below 1 (:class:`~monai_umed.protectors.release.ReleasePath` further asks for 8).
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        value = [v for v in value.replace("x", ",").split(",") if v.strip() and v.strip().lower() != "none"]
+    if value is None or value is False or (isinstance(value, (int, float)) and value == 0):
+        return ()
+    if isinstance(value, (int, float)):
+        value = (value,)
+    grids = tuple(int(float(v)) for v in value)
+    if any(g < 1 for g in grids):
+        raise ValueError(f"victim_grids must be positive integers, got {value!r}")
+    return grids
+
+
+def as_work_size(value: Any) -> str | int | None:
+    """Parse a release stage's ``refine_size`` parameter (see :func:`auto_work_size`).
+
+    Args:
+        value: ``auto``; None, ``none``, ``native`` or an empty string (the native grid); or an int (or its string).
+
+    Returns:
+        ``"auto"``, None or an int.
+    """
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "auto":
+            return "auto"
+        if v in ("", "none", "native"):
+            return None
+    return None if value is None else int(value)
+
+
+def build_refiner(
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    path: ReleasePath,
+    settings: RefineSettings,
+    *,
+    surrogate_channels: Sequence[int],
+    lr: float,
+    device: torch.device | str,
+    seed: int,
+    tag: str,
+    levels: int | None,
+) -> ReleaseRefiner:
+    """A release stage's refiner with a fresh surrogate UNet seeded from ``(seed, tag)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: label classes (background included).
+        path: the release path the refinement runs through.
+        settings: the refinement's settings.
+        surrogate_channels: the surrogate's channels per level.
+        lr: the surrogate's learning rate.
+        device: where the surrogate runs.
+        seed: the protector's seed (also the refiner's).
+        tag: names the surrogate's seed stream (e.g. ``umed-refine``, ``em-refine``).
+        levels: grey levels of the data (None: float data).
+    """
+    sur = Surrogate(spatial_dims, in_channels, num_classes, channels=surrogate_channels, lr=lr, device=device,
+                    seed=case_seed(seed, tag) % (2**31))
+    return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 
 def auto_work_size(spatial_dims: int, size: Any = "auto") -> int | None:

@@ -27,8 +27,8 @@ reduced) the delta is upsampled and multiplied by the nearest-neighbour upsample
 file's own image, so the file is perturbed only inside both. For a case not seen in fit the support of its optimised
 delta plays the union's role.
 
-Release stage (``release=True``, ours; the machinery is EM's, :mod:`monai_umed.protectors.em`): SALM first runs its
-own min-min as above to find its sparse mask, then refines one perturbation per case through the release path
+Release stage (``release=True``, ours; the machinery is EM's, :mod:`monai_umed.protectors.em_release`): SALM first
+runs its own min-min as above to find its sparse mask, then refines one perturbation per case through the release path
 (:class:`~monai_umed.protectors.refine.ReleaseRefiner`, shared with UMed) inside the budget map ``epsilon`` times that
 mask (:meth:`SALMProtector.selection_mask`: the union of the top-``k`` selections inside the tissue mask ``S``, at
 native resolution), with an optional per-case PSNR floor ``min_psnr``; the written perturbation stays exactly 0

@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
-from monai_umed.protectors.refine import ReleaseRefiner, floor_to_levels, psnr_energy
+from monai_umed.protectors.refine import ReleaseRefiner, as_victim_grids, as_work_size, floor_to_levels, psnr_energy
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_release import UMedReleaseStage
@@ -296,8 +296,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_pgd = int(refine_pgd)
         self.refine_surrogate_epochs = int(refine_surrogate_epochs)
         self.refine_stop = float(refine_stop)
-        self.refine_size: Any = "auto" if refine_size == "auto" else (
-            None if refine_size in (None, "", "none") else int(refine_size))
+        self.refine_size: Any = as_work_size(refine_size)
         self.refine_steps = int(refine_steps)
         self.distil_epochs = int(distil_epochs)
         self.refine_reset = int(refine_reset)
@@ -305,11 +304,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_step = str(refine_step)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
-        if isinstance(victim_grids, str) and victim_grids.lower() == "auto":
-            self.victim_grids: Any = "auto"
-        else:
-            self.victim_grids = _as_int_tuple(None if victim_grids in (None, False, "", "none") else victim_grids,
-                                              "victim_grids") or ()
+        self.victim_grids: Any = as_victim_grids(victim_grids)
         self.release_normalise = str(release_normalise)
         self.release_jitter = float(release_jitter)
         self._refine_settings(2)  # validates the refinement parameters
@@ -988,7 +983,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:
-            self.victim_grids = p["victim_grids"] if p["victim_grids"] == "auto" else tuple(p["victim_grids"])
+            self.victim_grids = as_victim_grids(p["victim_grids"])
         self._levels_resolved = int(state.get("levels", 0))
         self._build(int(state["in_channels"]), int(state["num_classes"]))
         assert self.gen_c is not None and self.gen_t is not None

@@ -44,11 +44,11 @@ from monai_umed.protectors.refine import (
     ReleaseRefiner,
     auto_victim_grids,
     auto_work_size,
+    build_refiner,
     cap_energy,
     psnr_energy,
 )
 from monai_umed.protectors.release import ReleasePath
-from monai_umed.protectors.surrogate import Surrogate
 
 __all__ = ["UMedReleaseStage"]
 
@@ -75,10 +75,9 @@ class UMedReleaseStage:
         return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter)
 
     def _new_refiner(self, sd: int, channels: int, num_classes: int) -> ReleaseRefiner:
-        sur = Surrogate(sd, channels, num_classes, channels=self.surrogate_channels, lr=self.surrogate_lr,
-                        device=self.device, seed=case_seed(self.seed, "umed-refine") % (2**31))
-        return ReleaseRefiner(sur, self._release_path(sd), self._refine_settings(sd),
-                              levels=self._levels_resolved or None, seed=self.seed)
+        return build_refiner(sd, channels, num_classes, self._release_path(sd), self._refine_settings(sd),
+                             surrogate_channels=self.surrogate_channels, lr=self.surrogate_lr, device=self.device,
+                             seed=self.seed, tag="umed-refine", levels=self._levels_resolved or None)
 
     def _energy(self) -> float | None:
         """The largest mean squared perturbation of a case (``min_psnr``), normalised units."""
