@@ -114,12 +114,6 @@ def _as_int_tuple(value: Any, name: str) -> tuple[int, ...] | None:
     return vals
 
 
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
 class UMedProtector(UMedReleaseStage, Protector):
     """Contour- and texture-aware perturbation generators fitted by min-min (UMed); see the module docstring.
 
