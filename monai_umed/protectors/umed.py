@@ -75,10 +75,18 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
+from monai_umed.blocks import BLOCK
 from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
-from monai_umed.protectors.refine import ReleaseRefiner, as_victim_grids, as_work_size, floor_to_levels, psnr_energy
+from monai_umed.protectors.refine import (
+    ReleaseRefiner,
+    as_victim_grids,
+    as_work_size,
+    floor_to_levels,
+    grey_levels,
+    psnr_energy,
+)
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_release import UMedReleaseStage
@@ -416,7 +424,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         if self.min_psnr is None:
             return 1.0
         flat = limit.reshape(-1)
-        total = sum(float(part.double().square_().sum()) for part in flat.split(1 << 22))
+        total = sum(float(part.double().square_().sum()) for part in flat.split(BLOCK))
         mse = total / max(flat.numel(), 1)
         target = psnr_energy(self.min_psnr)
         return math.sqrt(target / mse) if mse > target else 1.0
@@ -553,8 +561,7 @@ class UMedProtector(UMedReleaseStage, Protector):
                 raise ValueError(f"{s.get('case_id')}: image contains NaN or infinite values")
             k = max(k, int(lab.max()))
             if eight_bit:
-                v = img.detach().float() * 255.0
-                eight_bit = bool((v - v.round()).abs().max() < 1e-3)
+                eight_bit = grey_levels([img]) is not None
             spacing = _sample_spacing(s, sd=img.ndim - 1)
             m_c, m_roi = self._regions(img, lab, spacing)
             stats, scale = self._case_stats(img.detach().float().cpu(), lab.cpu(), m_c, m_roi)
