@@ -175,6 +175,8 @@ class UMedProtector(UMedReleaseStage, Protector):
             (:class:`~monai_umed.protectors.refine.RefineSettings`).
         refine_step: ``sign`` or ``scaled``: the refinement's descent step
             (:attr:`~monai_umed.protectors.refine.RefineSettings.step`).
+        refine_step_fraction: the refinement's descent step as a fraction of the case's budget map
+            (:attr:`~monai_umed.protectors.refine.RefineSettings.step_fraction`).
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -235,6 +237,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_reset: int = 3,
         refine_energy: str = "scale",
         refine_step: str = "sign",
+        refine_step_fraction: float = 0.5,
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -304,6 +307,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_reset = int(refine_reset)
         self.refine_energy = str(refine_energy)
         self.refine_step = str(refine_step)
+        self.refine_step_fraction = float(refine_step_fraction)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         self.victim_grids: Any = as_victim_grids(victim_grids)
@@ -937,6 +941,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             "refine_reset": self.refine_reset,
             "refine_energy": self.refine_energy,
             "refine_step": self.refine_step,
+            "refine_step_fraction": self.refine_step_fraction,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
@@ -980,7 +985,7 @@ class UMedProtector(UMedReleaseStage, Protector):
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
-                    "release_jitter"):
+                    "release_jitter", "refine_step_fraction"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:

@@ -67,7 +67,8 @@ class UMedReleaseStage:
         return RefineSettings(rounds=rounds, pgd_steps=self.refine_pgd, surrogate_epochs=self.refine_surrogate_epochs,
                               stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
                               unseen_steps=self.refine_steps, reset_every=self.refine_reset,
-                              energy_mode=self.refine_energy, step=self.refine_step)
+                              energy_mode=self.refine_energy, step=self.refine_step,
+                              step_fraction=self.refine_step_fraction)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
