@@ -24,7 +24,9 @@ Rows:
 - ``protect METHOD (fit + apply)``: the same with fitting (``--fit-epochs``, ``--param``), cases/s over the whole run.
 - ``victim``: seconds per epoch of the evaluation's victim (:func:`monai_umed.evaluation.train.train_victim`, UNet)
   on the Kvasir subset resized to 128 and 256 px and on ``--cases-3d`` Hippocampus volumes at their own size,
-  averaged over ``--victim-epochs`` epochs.
+  averaged over ``--victim-epochs`` epochs. On CUDA the victim takes its on-device data path (training cache on the
+  GPU, ``ThreadDataLoader``, random transforms on the GPU); ``--victim-fast`` takes that path on the CPU as well (it
+  draws the same samples; the rows are then labelled ``fast path``).
 - ``CT``: a synthetic 512 x 512 x 300 int16 CT (HU, a spherical label; made here) protected with UMed with the
   generators alone (``refine_rounds=0``: the refinement stage is far too slow for such a volume on a CPU) and one
   fitting epoch; seconds and peak host memory.
@@ -165,9 +167,10 @@ def _victim_row(args: argparse.Namespace) -> dict[str, Any]:
     size = int(args.size) if args.size else None
     train = load_split(args.dataset, "training")[: args.cases]
     cfg = make_config("unet", describe_data(args.dataset, train, size), epochs=args.epochs, image_size=size)
-    _, info = train_victim(train, cfg, device=args.device, use_cache=False, progress=False)
+    _, info = train_victim(train, cfg, device=args.device, use_cache=False, progress=False,
+                           fast=True if args.fast else None)
     return {"cases": len(train), "epoch_seconds": info["epoch_seconds"], "load_seconds": info["load_seconds"],
-            "patch": list(cfg.patch_size), "batch": cfg.batch_size}
+            "patch": list(cfg.patch_size), "batch": cfg.batch_size, "fast": info["fast"]}
 
 
 def _ct_row(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
                         help="UMed setting for the Kvasir rows (repeatable; default refine_rounds=0)")
     parser.add_argument("--victim-epochs", type=int, default=2, help="epochs timed per victim")
+    parser.add_argument("--victim-fast", action="store_true",
+                        help="victims take the on-device data path (ThreadDataLoader) on the CPU too (CUDA's default)")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=(512, 512, 300))
     parser.add_argument("--devices", default="auto", help="auto (cpu, and cuda when present) or e.g. cpu")
     parser.add_argument("--skip-ct", action="store_true")
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, help=argparse.SUPPRESS)
     parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
@@ -293,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
                     run(f"protect {method} (fit + apply)", device, [*base, "--kind", "fit"])
                 run(f"protect {method} (apply{', fitted' if fits else ''})", device, [*base, "--kind", "apply"])
             if not args.skip_victims:
+                fast = (", fast path", ["--fast"]) if args.victim_fast else ("", [])
                 for size in (128, 256):
-                    run(f"victim UNet 2D {size} px, {args.cases} images", device,
+                    run(f"victim UNet 2D {size} px, {args.cases} images{fast[0]}", device,
                         ["--worker", "victim", "--dataset", str(args.kvasir), "--size", str(size), "--cases",
-                         str(args.cases), "--epochs", str(args.victim_epochs)])
-                run(f"victim UNet 3D native, {args.cases_3d} Hippocampus volumes", device,
+                         str(args.cases), "--epochs", str(args.victim_epochs), *fast[1]])
+                run(f"victim UNet 3D native, {args.cases_3d} Hippocampus volumes{fast[0]}", device,
                     ["--worker", "victim", "--dataset", str(args.hippocampus), "--cases", str(args.cases_3d),
-                     "--epochs", str(args.victim_epochs)])
+                     "--epochs", str(args.victim_epochs), *fast[1]])
             if not args.skip_ct:
                 ct = work / "ct"
                 if not (ct / "dataset.json").is_file():

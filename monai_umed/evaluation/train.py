@@ -24,6 +24,11 @@ so an epoch costs only augmentation and the network. Evaluation runs ``sliding_w
 as ROI on each clean test image, resamples the logits back to the label's own grid when the victim resized, and
 scores with MONAI ``DiceMetric``.
 
+On CUDA the same recipe follows MONAI's fast-training practice: the cache ends with the tensors on the device, a
+``ThreadDataLoader`` runs the random transforms there (in one background thread, so the draws and their order are
+those of the CPU path), cuDNN autotunes the fixed patch shape, and evaluation forwards more windows, and several test
+cases of the same preprocessed shape, per call. The CPU path is the plain ``DataLoader`` one.
+
 Trained weights are cached under a content hash of the training files (image and label bytes), the victim
 configuration (network, epochs, seed, sizes, intensity, defence) and the library versions, so the clean baseline is
 trained once and reused for every protector.
@@ -35,9 +40,10 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +55,9 @@ from monai_umed.evaluation.defences import Defence, get_defence, pgd_attack
 from monai_umed.evaluation.metrics import dice_per_class, summarise_dice
 from monai_umed.networks.victims import VICTIMS, default_victim_params, patch_size, victim_network
 
+if TYPE_CHECKING:
+    from monai.data import DataLoader
+
 __all__ = [
     "VictimConfig",
     "find_dataset_json",
@@ -57,6 +66,7 @@ __all__ = [
     "make_config",
     "train_transforms",
     "eval_transforms",
+    "cudnn_benchmark",
     "train_victim",
     "evaluate_victim",
     "victim_cache_key",
@@ -341,12 +351,15 @@ def _in_memory(items: Sequence[dict[str, Any]]) -> bool:
     return bool(items) and not isinstance(items[0]["image"], (str, os.PathLike))
 
 
-def train_transforms(cfg: VictimConfig, in_memory: bool = False):
+def train_transforms(cfg: VictimConfig, in_memory: bool = False, device: str | torch.device | None = None):
     """The victim's training pipeline (a MONAI ``Compose``), defence included.
 
     Args:
         cfg: the victim configuration.
         in_memory: the items hold channel-first arrays instead of file paths (nothing to load).
+        device: move the padded tensors to this device right before the first random transform, so that a
+            ``CacheDataset`` keeps them there and the random transforms run on that device; None keeps them on the
+            CPU. Either way the transforms draw the same random numbers (from their own ``RandomState``).
     """
     from monai.transforms import (
         Compose,
@@ -367,6 +380,10 @@ def train_transforms(cfg: VictimConfig, in_memory: bool = False):
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.int64, track_meta=False),
         SpatialPadd(keys, spatial_size=cfg.patch_size),
+    ]
+    if device is not None:  # the last cached transform: the cache, and so every random transform, lives there
+        t += [EnsureTyped(keys, device=torch.device(device), track_meta=False)]
+    t += [
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, pos=1, neg=1,
                                num_samples=cfg.num_samples, image_key="image", image_threshold=-np.inf),
     ]
@@ -392,6 +409,24 @@ def eval_transforms(cfg: VictimConfig):
     t += [EnsureTyped("image", dtype=torch.float32)] + _resize(cfg, ["image"]) + _intensity(cfg)
     t += [EnsureTyped("image", dtype=torch.float32, track_meta=False)]
     return Compose(t)
+
+
+@contextmanager
+def cudnn_benchmark(device: str | torch.device) -> Iterator[None]:
+    """Turn on ``torch.backends.cudnn.benchmark`` inside the block when ``device`` is CUDA, restoring it afterwards.
+
+    The victim's network always sees patch-sized inputs (training crops, sliding windows), so cuDNN's autotuning is
+    paid once per shape and then reused; on other devices nothing changes.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def victim_cache_key(train_list: Sequence[dict[str, str]], cfg: VictimConfig) -> str:
@@ -425,6 +460,31 @@ def _save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _fast(dev: torch.device, fast: bool | None) -> bool:
+    """``fast=None`` (auto): the on-device data path on CUDA only."""
+    return dev.type == "cuda" if fast is None else bool(fast)
+
+
+def _train_loader(train_list: Sequence[dict[str, Any]], cfg: VictimConfig, dev: torch.device, fast: bool) -> DataLoader:
+    """The victim's shuffled training batches: deterministic transforms cached once, random ones at every draw.
+
+    ``fast``: the cache ends with the tensors on ``dev`` and a ``ThreadDataLoader`` applies the random transforms
+    there, in one background thread while the network trains; otherwise a plain ``DataLoader`` applies them on the
+    CPU in the calling thread. Both make the same draws in the same order: the transforms draw from their own
+    ``RandomState`` whatever the tensors' device, MONAI's ``DataLoader`` (which ``ThreadDataLoader`` extends) reseeds
+    them from ``cfg.seed``'s generator, and a single thread applies them one sample after the other, in the
+    sampler's order.
+    """
+    from monai.data import CacheDataset, DataLoader, ThreadDataLoader
+
+    transform = train_transforms(cfg, in_memory=_in_memory(train_list), device=dev if fast else None)
+    ds = CacheDataset(list(train_list), transform, cache_rate=1.0, num_workers=0, progress=False)
+    transform.set_random_state(seed=cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader_cls = ThreadDataLoader if fast else DataLoader
+    return loader_cls(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=g, drop_last=False)
+
+
 def train_victim(
     train_list: Sequence[dict[str, str]],
     cfg: VictimConfig,
@@ -433,6 +493,7 @@ def train_victim(
     use_cache: bool = True,
     progress: bool = True,
     description: str = "victim",
+    fast: bool | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train (or load from the cache) a victim on the files of ``train_list``.
 
@@ -445,12 +506,14 @@ def train_victim(
         use_cache: reuse and store weights under :func:`victim_cache_key`.
         progress: show a progress bar over epochs.
         description: progress bar label.
+        fast: the on-device data path (training cache on ``device``, ``ThreadDataLoader``, random transforms on
+            the device); None: on CUDA only. It draws the same samples as the CPU path, so it is not part of the
+            cache key.
 
     Returns:
         ``(model in eval mode, info)`` where info holds ``cache_key``, ``cached`` (loaded rather than trained),
-        ``train_seconds``, ``load_seconds``, ``epoch_seconds`` and ``loss`` (mean per epoch).
+        ``train_seconds``, ``load_seconds``, ``epoch_seconds``, ``loss`` (mean per epoch) and ``fast``.
     """
-    from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
@@ -468,13 +531,10 @@ def train_victim(
         return model, {**state["info"], "cached": True, "cache_key": key, "cache_file": str(path)}
 
     set_determinism(seed=cfg.seed)
+    fast = _fast(dev, fast)
     t0 = time.perf_counter()
-    transform = train_transforms(cfg, in_memory=_in_memory(train_list))
-    ds = CacheDataset(list(train_list), transform, cache_rate=1.0, num_workers=0, progress=False)
-    transform.set_random_state(seed=cfg.seed)
+    loader = _train_loader(train_list, cfg, dev, fast)
     load_seconds = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=g, drop_last=False)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     amp = dev.type == "cuda"
@@ -487,28 +547,29 @@ def train_victim(
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc=description, unit="epoch", leave=False)
-    for _ in bar:
-        te = time.perf_counter()
-        model.train()
-        total, n = 0.0, 0
-        for batch in loader:
-            x, y = batch["image"].to(dev), batch["label"].to(dev)
-            if d.adversarial:
+    with cudnn_benchmark(dev):
+        for _ in bar:
+            te = time.perf_counter()
+            model.train()
+            total, n = 0.0, 0
+            for batch in loader:
+                x, y = batch["image"].to(dev), batch["label"].to(dev)  # no-ops on the fast path
+                if d.adversarial:
+                    with torch.autocast(dev.type, enabled=amp):
+                        x = pgd_attack(model, loss_fn, x, y, d.params["eps"], d.params["steps"], d.params["alpha"],
+                                       adv_gen)
+                opt.zero_grad(set_to_none=True)
                 with torch.autocast(dev.type, enabled=amp):
-                    x = pgd_attack(model, loss_fn, x, y, d.params["eps"], d.params["steps"], d.params["alpha"],
-                                   adv_gen)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, enabled=amp):
-                loss = loss_fn(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.detach()) * x.shape[0]
-            n += x.shape[0]
-        losses.append(total / max(n, 1))
-        epoch_seconds.append(time.perf_counter() - te)
-        if progress:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                total += float(loss.detach()) * x.shape[0]
+                n += x.shape[0]
+            losses.append(total / max(n, 1))
+            epoch_seconds.append(time.perf_counter() - te)
+            if progress:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
     model.eval()
     info = {
         "train_seconds": float(sum(epoch_seconds)),
@@ -518,10 +579,47 @@ def train_victim(
         "cases": len(train_list),
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "fast": fast,
     }
     if path is not None:
         _save_atomic({"model": model.state_dict(), "info": info, "config": cfg.to_dict()}, path)
     return model, {**info, "cached": False, "cache_key": key, "cache_file": None if path is None else str(path)}
+
+
+def _test_case(it: dict[str, str], prep: Callable, cfg: VictimConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A test case's preprocessed image (``C x spatial``) and native label (``1 x spatial`` int64), checked.
+
+    Raises:
+        InputError: the label is not a 1-channel map of the victim's classes, or the image's channels differ.
+    """
+    from monai_umed.evaluation.metrics import read_native
+
+    label = torch.as_tensor(read_native(it["label"]).astype(np.int64))
+    if label.ndim - 1 != cfg.spatial_dims or label.shape[0] != 1:
+        raise InputError(f"label shape {tuple(label.shape)} is not a 1-channel {cfg.spatial_dims}D map", it["label"])
+    if int(label.max()) >= cfg.num_classes or int(label.min()) < 0:
+        raise InputError(f"label values outside 0..{cfg.num_classes - 1}", it["label"])
+    x = prep({"image": it["image"]})["image"]
+    if x.shape[0] != cfg.in_channels:
+        raise InputError(f"test image has {x.shape[0]} channel(s); the victim was trained on {cfg.in_channels}",
+                         it["image"])
+    return x, label
+
+
+def _case_groups(
+    items: Iterable[dict[str, str]], prep: Callable, cfg: VictimConfig, cases: int
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Consecutive test cases in groups of at most ``cases`` whose preprocessed images share one shape (all of them
+    when the victim resizes), read one case at a time so that only a group is held."""
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for it in items:
+        x, label = _test_case(it, prep, cfg)
+        if group and (len(group) == cases or group[0][0].shape != x.shape):
+            yield group
+            group = []
+        group.append((x, label))
+    if group:
+        yield group
 
 
 @torch.no_grad()
@@ -532,6 +630,8 @@ def evaluate_victim(
     device: str | torch.device = "auto",
     keep: int = 0,
     progress: bool = False,
+    batch_cases: int | None = None,
+    sw_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Dice of a victim on clean test images, at each label's native resolution.
 
@@ -542,20 +642,28 @@ def evaluate_victim(
         device: ``auto`` | ``cpu`` | ``cuda``.
         keep: keep the predicted label maps of the first ``keep`` cases (for figures).
         progress: show a progress bar.
+        batch_cases: consecutive test cases of the same preprocessed shape forwarded in one sliding-window call;
+            None: 8 on CUDA, 1 otherwise. The model is in eval mode, so a case's prediction does not depend on the
+            others in its batch.
+        sw_batch_size: windows per forward pass; None: 32 on CUDA, 4 otherwise.
 
     Returns:
         ``dice`` (mean over cases and foreground classes), ``dice_per_class``, ``per_case`` (list of per-class
         lists, ``None`` for classes absent from a case), ``predictions`` (the kept ``1 x spatial`` int arrays) and
         ``seconds``.
+
+    Raises:
+        InputError: a label that is not a 1-channel map of the victim's classes, a test image with other channels.
     """
     from monai.inferers import sliding_window_inference
 
-    from monai_umed.evaluation.metrics import read_native
-
     dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    batch_cases = int(batch_cases or (8 if cuda else 1))
+    sw_batch_size = int(sw_batch_size or (32 if cuda else 4))
     model = model.to(dev).eval()
     prep = eval_transforms(cfg)
-    amp = dev.type == "cuda"
+    mode = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
     t0 = time.perf_counter()
     per_case, preds = [], []
     items = list(test_list)
@@ -563,28 +671,21 @@ def evaluate_victim(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="evaluate", unit="case", leave=False)
-    for n, it in enumerate(items):
-        label = torch.as_tensor(read_native(it["label"]).astype(np.int64))
-        if label.ndim - 1 != cfg.spatial_dims or label.shape[0] != 1:
-            raise InputError(f"label shape {tuple(label.shape)} is not a 1-channel {cfg.spatial_dims}D map",
-                             it["label"])
-        if int(label.max()) >= cfg.num_classes or int(label.min()) < 0:
-            raise InputError(f"label values outside 0..{cfg.num_classes - 1}", it["label"])
-        x = prep({"image": it["image"]})["image"].to(dev)[None]
-        if x.shape[1] != cfg.in_channels:
-            raise InputError(f"test image has {x.shape[1]} channel(s); the victim was trained on {cfg.in_channels}",
-                             it["image"])
-        with torch.autocast(dev.type, enabled=amp):
-            logits = sliding_window_inference(x, roi_size=cfg.patch_size, sw_batch_size=4, predictor=model,
-                                              overlap=cfg.sw_overlap)
-        logits = logits.float()
-        if tuple(logits.shape[2:]) != tuple(label.shape[1:]):
-            mode = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
-            logits = F.interpolate(logits, size=tuple(label.shape[1:]), mode=mode, align_corners=False)
-        pred = logits.argmax(1).cpu()  # 1 x spatial
-        dice = dice_per_class(pred, label, cfg.num_classes)
-        per_case.append([None if not np.isfinite(v) else float(v) for v in dice])
-        if n < keep:
-            preds.append(pred.numpy().astype(np.int16))
+    with cudnn_benchmark(dev):
+        for group in _case_groups(items, prep, cfg, batch_cases):
+            x = torch.stack([g[0] for g in group]).to(dev)
+            with torch.autocast(dev.type, enabled=cuda):
+                logits = sliding_window_inference(x, roi_size=cfg.patch_size, sw_batch_size=sw_batch_size,
+                                                  predictor=model, overlap=cfg.sw_overlap)
+            logits = logits.float()
+            for i, (_, label) in enumerate(group):
+                case = logits[i : i + 1]
+                if tuple(case.shape[2:]) != tuple(label.shape[1:]):
+                    case = F.interpolate(case, size=tuple(label.shape[1:]), mode=mode, align_corners=False)
+                pred = case.argmax(1).cpu()  # 1 x spatial
+                dice = dice_per_class(pred, label, cfg.num_classes)
+                per_case.append([None if not np.isfinite(v) else float(v) for v in dice])
+                if len(preds) < keep:
+                    preds.append(pred.numpy().astype(np.int16))
     arr = np.array([[np.nan if v is None else v for v in row] for row in per_case], dtype=np.float64)
     return {**summarise_dice(arr), "per_case": per_case, "predictions": preds, "seconds": time.perf_counter() - t0}
