@@ -209,3 +209,29 @@ def test_auto_work_grid():
     assert auto_work_size(2, 64) == 64 and auto_work_size(2, None) is None
     p = UMedProtector(spatial_dims=2)
     assert p._refine_settings(2).work_size == 128
+
+
+def test_shared_tile_is_one_pattern_for_every_case_and_resumes(tmp_path):
+    from monai_umed.protectors.refine_shared import SharedTileRefiner, tile_pattern
+
+    samples = _samples()
+    p = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(samples, progress=False)
+    ref = p.refiner
+    assert isinstance(ref, SharedTileRefiner) and ref.pattern is not None and tuple(ref.pattern.shape) == (3, 4, 4)
+    assert float(ref.pattern.abs().max()) > 0
+    for s in samples:  # every case's work-grid perturbation is the tiled pattern, scaled to its energy budget
+        d = ref.deltas[s["case_id"]].float()
+        tiled = tile_pattern(ref.pattern, d.shape[1:])
+        scale = float((d * tiled).sum() / tiled.pow(2).sum())
+        assert 0 < scale <= 1.0 + 1e-3
+        assert torch.allclose(d, scale * tiled, atol=2e-3)
+        delta = p.perturbation(s["image"], s["label"], s["case_id"])
+        assert torch.all(delta.abs() <= p.budget(s["image"], s["label"]) + 1e-6)
+    # the key round-trips the pattern; a fit interrupted after one round resumes to the same pattern
+    q = UMedProtector(**FAST).load_state_dict(p.state_dict())
+    assert torch.equal(q.refiner.pattern, ref.pattern)
+    ckpt = tmp_path / "fit.ckpt"
+    UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0, "refine_rounds": 1}).fit(
+        samples, progress=False, checkpoint=ckpt)
+    r = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(samples, progress=False, checkpoint=ckpt)
+    assert torch.equal(r.refiner.pattern, ref.pattern)

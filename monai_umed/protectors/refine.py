@@ -96,6 +96,8 @@ class RefineSettings:
             loss responds to it: the release path passes low frequencies almost intact and attenuates the work grid's
             highest ones to about half, and sign steps spend as much energy on a cell the victim barely sees as on
             one it sees well.
+        shared_tile: 0 (one perturbation per case) or the side, in work-grid cells, of one tile shared by every case
+            (:class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`).
     """
 
     rounds: int = 20
@@ -109,12 +111,15 @@ class RefineSettings:
     reset_every: int = 0
     energy_mode: str = "scale"
     step: str = "sign"
+    shared_tile: int = 0
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
             raise ValueError(f"refine: step must be sign or scaled, got {self.step!r}")
         if self.energy_mode not in ("scale", "sparse"):
             raise ValueError(f"refine: energy_mode must be scale or sparse, got {self.energy_mode!r}")
+        if self.shared_tile < 0:
+            raise ValueError(f"refine: shared_tile must be >= 0, got {self.shared_tile}")
         if self.reset_every < 0:
             raise ValueError(f"refine: reset_every must be >= 0, got {self.reset_every}")
         if self.rounds < 0 or self.pgd_steps < 0 or self.surrogate_epochs < 1 or self.batch_size < 1:
@@ -364,8 +369,7 @@ class ReleaseRefiner:
         from monai_umed.data.formats import atomic_path
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"round": next_round, "case_ids": list(case_ids), "deltas": dict(self.deltas),
-                 "surrogate": self.surrogate.state_dict(), "history": list(self.history)}
+        state = {"round": next_round, "case_ids": list(case_ids), **self.state_dict()}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -473,6 +477,10 @@ def build_refiner(
     """
     sur = Surrogate(spatial_dims, in_channels, num_classes, channels=surrogate_channels, lr=lr, device=device,
                     seed=case_seed(seed, tag) % (2**31))
+    if settings.shared_tile:
+        from monai_umed.protectors.refine_shared import SharedTileRefiner
+
+        return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 

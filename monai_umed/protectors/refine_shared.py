@@ -1,0 +1,120 @@
+# Copyright (c) monai-umed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Error-minimising refinement of one *shared* texture for every case (a segmentation analogue of class-wise noise).
+
+:class:`~monai_umed.protectors.refine.ReleaseRefiner` gives every case its own work-grid perturbation, which a victim
+has to memorise case by case. Class-wise unlearnable noise is a shortcut instead: one pattern explains the label of
+every sample, so a network learns it with a single filter, before the real features. Here the pattern is a small
+tile of ``tile`` work-grid cells per axis, repeated over the whole work grid and cut by each case's budget map (so it
+lies on the label's footprint only), each case scaled to its energy budget. The tile is optimised by the same min-min
+through the release path: every PGD batch takes one sign step on the tile (of ``step_fraction / 10`` of the largest
+budget, since the tile sees many batches per round) against the frozen surrogate. The cases' stored perturbations are
+the tiled pattern, so writing, keys, distillation and restore are those of the per-case refiner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from monai_umed.protectors.refine import ReleaseRefiner, upsample_limit
+
+__all__ = ["SharedTileRefiner", "tile_pattern"]
+
+
+def tile_pattern(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Repeat a ``C x t x t (x t)`` tile over the spatial ``shape`` (cut at the far edges)."""
+    reps = [1] + [-(-int(s) // int(t)) for s, t in zip(shape, tile.shape[1:])]
+    full = tile.repeat(*reps)
+    return full[(slice(None),) + tuple(slice(0, int(s)) for s in shape)]
+
+
+class SharedTileRefiner(ReleaseRefiner):
+    """Min-min of one tiled pattern shared by all cases (see the module docstring).
+
+    Args:
+        args, kwargs: those of :class:`~monai_umed.protectors.refine.ReleaseRefiner`.
+        tile: the tile's side in work-grid cells.
+    """
+
+    def __init__(self, *args: Any, tile: int = 4, **kwargs: Any) -> None:  # noqa: D107
+        super().__init__(*args, **kwargs)
+        if int(tile) < 1:
+            raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
+        self.tile = int(tile)
+        self.pattern: torch.Tensor | None = None
+
+    def _cases(self, d: torch.Tensor) -> torch.Tensor:
+        """The shared pattern as a batch shaped like ``d`` (B x C x work spatial)."""
+        assert self.pattern is not None
+        return tile_pattern(self.pattern.to(d.device, d.dtype), d.shape[2:])[None].expand_as(d)
+
+    def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, float]:
+        """``steps`` sign steps on the shared tile (one per call of the loss), each through a fresh random view; returns
+        the batch's projected perturbations made from the updated tile."""
+        if self.pattern is None:
+            self.pattern = torch.zeros((d.shape[1],) + (self.tile,) * (d.ndim - 2))
+        top = float(upsample_limit(lim, d.shape[2:]).max())
+        alpha = top * self.settings.step_fraction / 10.0
+        total = 0.0
+        for _ in range(steps):
+            t = self.pattern.to(d.device).clone().requires_grad_(True)
+            full = tile_pattern(t, d.shape[2:])[None].expand_as(d)
+            with torch.no_grad():  # the energy projection is a per-case scale: keep it out of the gradient
+                proj = self.project_energy(full.detach(), lim, energy, "scale")
+                n = full.detach().flatten(1).norm(dim=1)
+                # a zero tile (the first step) keeps scale 1, or its gradient would vanish with it
+                f = torch.where(n > 0, proj.flatten(1).norm(dim=1) / n.clamp_min(1e-12), torch.ones_like(n))
+            xv, yv = self._view(x, y, full * f.view(-1, *([1] * (d.ndim - 1))), lim, g)
+            loss = self.surrogate.loss(xv, yv)
+            (grad,) = torch.autograd.grad(loss, t)
+            with torch.no_grad():
+                self.pattern = (t - alpha * grad.sign()).clamp(-top, top).detach().cpu()
+            total += float(loss.detach())
+        with torch.no_grad():
+            out = self.project_energy(self._cases(d), lim, energy, "scale")
+        return out.detach(), total / max(steps, 1)
+
+    def fit(
+        self,
+        images: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+        limits: Sequence[torch.Tensor],
+        case_ids: Sequence[str],
+        checkpoint: str | os.PathLike | None = None,
+        log: Callable[[str], None] | None = None,
+        energies: Sequence[float] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`ReleaseRefiner.fit`, then every case's perturbation made again from the final tile (cases visited
+        early in the last round were made from an older one)."""
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        if ckpt is not None and ckpt.is_file() and self.pattern is None:
+            self.pattern = torch.load(ckpt, map_location="cpu", weights_only=False).get("pattern")
+        super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies)
+        if self.pattern is not None:
+            for i, (x, lim, cid) in enumerate(zip(images, limits, case_ids)):
+                d = self.deltas[cid].float()[None]
+                e = None if energies is None else torch.tensor([float(energies[i])], dtype=torch.float64)
+                self.deltas[cid] = self.project_energy(self._cases(d), lim[None].float(), e, "scale")[0].to(
+                    torch.float16)
+        return self.deltas
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pattern": self.pattern, "tile": self.tile}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
+        super().load_state_dict(state)
+        self.pattern = state.get("pattern")
+        return self
