@@ -173,3 +173,37 @@ def test_pipeline_key_rebuilds_the_release_protector(tmp_path) -> None:
     assert q.release and q.min_psnr == 50.0 and q.params() == record["params"]
     trained = {c["case_id"] for c in record["cases"] if c.get("protected")}
     assert set(q.refiner.deltas) == trained
+
+
+@pytest.mark.parametrize("name", ["em", "salm"])
+def test_resident_working_set_gives_the_same_release_fit(name: str, monkeypatch) -> None:
+    """The on-device placement of both fits (SALM's own min-min in pgd.py, the release stage's refinement), forced on
+    the CPU: the same deltas, masks and written perturbations, kept on the CPU afterwards."""
+    import monai_umed.protectors.pgd as pgd
+    import monai_umed.protectors.refine as refine
+
+    ref = _fitted(name, FLOOR)
+    monkeypatch.setattr(pgd, "working_set_on", lambda *a, **k: True)
+    monkeypatch.setattr(refine, "working_set_on", lambda *a, **k: True)
+    p = protectors.get(name, epsilon=EPS, min_psnr=FLOOR, **TINY).fit(_data(), progress=False)
+    assert p.refiner.history == ref.refiner.history and p.progress_state == ref.progress_state
+    for table in ("deltas", "masks"):
+        mine, theirs = getattr(p, table, {}), getattr(ref, table, {})
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) and mine[k].device.type == "cpu" for k in mine)
+    for s in _data() + [_case(7)]:
+        x, y, cid = s["image"], s["label"], s["case_id"]
+        assert torch.equal(p.refiner.deltas.get(cid, x), ref.refiner.deltas.get(cid, x))
+        assert torch.equal(p.perturbation(x, y, cid), ref.perturbation(x, y, cid))
+
+
+def test_resident_em_work_grid_fit_gives_the_same_deltas(monkeypatch) -> None:
+    """EM's own min-min (``release=False``) with its work set and deltas forced on the device (the CPU here)."""
+    kw = {**TINY, "release": False}
+    ref = protectors.get("em", epsilon=EPS, **kw).fit(_data(4), progress=False)
+    res = protectors.get("em", epsilon=EPS, **kw)
+    res.resident = True
+    res.fit(_data(4), progress=False)
+    assert res.progress_state == ref.progress_state and res.deltas.keys() == ref.deltas.keys()
+    assert all(torch.equal(res.deltas[k], ref.deltas[k]) and res.deltas[k].device.type == "cpu" for k in res.deltas)
+    assert not res._resident

@@ -235,3 +235,94 @@ def test_shared_tile_is_one_pattern_for_every_case_and_resumes(tmp_path):
         samples, progress=False, checkpoint=ckpt)
     r = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(samples, progress=False, checkpoint=ckpt)
     assert torch.equal(r.refiner.pattern, ref.pattern)
+
+
+def test_working_set_on_asks_for_a_share_of_the_free_device_memory(monkeypatch):
+    from monai_umed.protectors.refine import working_set_on
+
+    t = [torch.zeros(100), torch.zeros(50, dtype=torch.float16)]  # 500 bytes
+    assert not working_set_on("cpu", t)  # the CPU holds it already: nothing to move
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
+    assert working_set_on("cuda", t)  # 500 <= 0.5 * 1000
+    assert not working_set_on("cuda", t, extra_bytes=1)
+    assert working_set_on(torch.device("cuda", 0), t, fraction=0.6, extra_bytes=100)
+    assert not working_set_on("meta", t)  # free memory unknown
+
+    def no_runtime(device=None):
+        raise RuntimeError("no CUDA")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_runtime)
+    assert not working_set_on("cuda", t)
+
+
+@pytest.mark.parametrize("mode", ["scale", "sparse"])
+def test_energy_projection_without_host_sync_is_identical(mode):
+    from monai_umed.protectors.refine import ReleaseRefiner
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(4, 3, 16, 16, generator=g) * 0.03
+    lim = torch.rand(4, 3, 44, 44, generator=g) * (12 / 255)
+    mse = ReleaseRefiner.native_delta(d, lim).double().pow(2).flatten(1).mean(1)
+    for energy in (torch.tensor([1e-5, 3e-5, 1e-4, 1.0], dtype=torch.float64),  # some over, one inside
+                   torch.tensor([1.0] * 4, dtype=torch.float64),  # every case inside its budget
+                   mse / (1 + 5e-7)):  # every case over it by less than the tolerance: nothing changes
+        a = ReleaseRefiner.project_energy(d, lim, energy, mode)
+        b = ReleaseRefiner.project_energy(d, lim, energy, mode, sync=False)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tile", [0, 4])
+def test_resident_working_set_gives_the_same_fit_and_cpu_state(tile, tmp_path):
+    """The on-device placement path (forced on the CPU): the same perturbations and round log as per-batch
+    transfers, and what the fit returns, checkpoints and ``state_dict`` gives lies on the CPU."""
+    from monai_umed.protectors.refine import RefineSettings, build_refiner, psnr_energy
+    from monai_umed.protectors.release import ReleasePath
+
+    samples = _samples(n=5, size=32)
+    images = [s["image"] for s in samples]
+    labels = [s["label"] for s in samples]
+    limits = [torch.full_like(x, 4 / 255) * (torch.arange(32) >= 4) for x in images]
+    ids = [s["case_id"] for s in samples]
+
+    def fit(resident, ckpt):
+        settings = RefineSettings(rounds=2, pgd_steps=2, batch_size=2, work_size=16, shared_tile=tile)
+        ref = build_refiner(2, 3, 2, ReleasePath(grids=(24,)), settings, surrogate_channels=(4, 8), lr=1e-3,
+                            device="cpu", seed=1, tag="resident", levels=255)
+        ref.resident = resident
+        logged = []
+        out = ref.fit(images, labels, limits, ids, checkpoint=ckpt, log=lambda _: logged.append(ref.state_dict()),
+                      energies=[psnr_energy(50.0)] * len(ids))
+        return ref, out, logged
+
+    a, out_a, _ = fit(False, None)
+    b, out_b, logged = fit(True, tmp_path / "refine.ckpt")
+    assert b.history == a.history and len(b.history) == 2
+    assert out_b.keys() == out_a.keys() == set(ids)
+    for cid in ids:
+        assert torch.equal(out_b[cid], out_a[cid]) and out_b[cid].dtype == torch.float16
+        assert out_b[cid].device.type == "cpu" and b.deltas[cid].device.type == "cpu"
+    if tile:
+        assert torch.equal(b.pattern, a.pattern) and b.pattern.device.type == "cpu"
+    saved = torch.load(tmp_path / "refine.ckpt", map_location="cpu", weights_only=False)
+    for state in logged + [saved, b.state_dict()]:  # during the fit (after each round) and after it
+        assert all(v.device.type == "cpu" for v in state["deltas"].values())
+        assert state.get("pattern") is None or state["pattern"].device.type == "cpu"
+    if tile:  # the shared tile's cases are made again from the final tile after the last checkpoint
+        assert torch.equal(saved["pattern"], a.pattern)
+    else:
+        assert all(torch.equal(saved["deltas"][cid], out_a[cid]) for cid in ids)
+    assert not b._lazy  # the sync-free inner loops end with the fit
+
+
+def test_resident_umed_fit_writes_the_same_perturbations(monkeypatch):
+    import monai_umed.protectors.refine as refine
+
+    samples = _samples(n=4)
+    ref = UMedProtector(**FAST).fit(samples, progress=False)
+    monkeypatch.setattr(refine, "working_set_on", lambda *a, **k: True)
+    res = UMedProtector(**FAST).fit(samples, progress=False)
+    assert res.refiner.history == ref.refiner.history
+    for s in samples:
+        x, y, cid = s["image"], s["label"], s["case_id"]
+        assert torch.equal(res.refiner.deltas[cid], ref.refiner.deltas[cid])
+        assert torch.equal(res.perturbation(x, y, cid), ref.perturbation(x, y, cid))

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Protector", "resolve_device", "case_seed"]
+__all__ = ["Protector", "resolve_device", "case_seed", "working_set_on"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -35,6 +35,32 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def working_set_on(device: str | torch.device, tensors: Iterable[torch.Tensor], fraction: float = 0.5,
+                   extra_bytes: int = 0) -> bool:
+    """Whether a fit should keep its whole working set (``tensors``) on ``device`` for the fit's duration.
+
+    True when ``device`` is a CUDA device and the tensors' bytes (plus ``extra_bytes``, e.g. what the fit will add)
+    fit in ``fraction`` of its free memory (``torch.cuda.mem_get_info``); the fit then moves them there once instead
+    of once per batch. False on the CPU (already there), on a device whose free memory is unknown (e.g. MPS) and
+    when the set does not fit (the fit keeps its per-batch transfers).
+
+    Args:
+        device: the fit's device.
+        tensors: what would be moved.
+        fraction: the share of the free device memory the working set may take.
+        extra_bytes: bytes the fit will allocate beside ``tensors`` on the device.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    need = int(extra_bytes) + sum(t.numel() * t.element_size() for t in tensors)
+    try:
+        free, _total = torch.cuda.mem_get_info(dev)
+    except (RuntimeError, AssertionError, ValueError):  # no usable CUDA runtime
+        return False
+    return need <= float(fraction) * free
 
 
 def case_seed(seed: int, case_id: str | None, salt: str = "") -> int:

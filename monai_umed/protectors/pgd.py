@@ -27,6 +27,11 @@ Work grid (ours): a sample whose longest spatial side exceeds ``work_size`` is o
 (aspect ratio kept); its delta is upsampled (bilinear/trilinear) to the file's grid when the case is protected. This is
 what makes fitting 800 Kvasir-SEG images on two CPU cores feasible, and it gives the perturbation the low-frequency
 structure that survives a victim's resize.
+
+On an accelerator, ``fit`` keeps the work set and the deltas on the device when they fit in half of its free memory
+(:func:`~monai_umed.protectors.base.working_set_on`; :attr:`SampleWiseProtector.resident` forces either way), and the
+surrogate's training losses are read back once per call instead of once per step. The deltas are the same either
+way; after ``fit`` and in every checkpoint and ``state_dict`` they lie on the CPU.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monai_umed.protectors.base import Protector
+from monai_umed.protectors.base import Protector, working_set_on
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, collate_padded, pad_to_multiple
 
 __all__ = [
@@ -273,6 +278,12 @@ class SampleWiseProtector(Protector):
 
     fits = True
     alpha_fraction: float = 0.1
+    #: where ``fit`` keeps the work set and the deltas: None decides with
+    #: :func:`~monai_umed.protectors.base.working_set_on` (on an accelerator, if they fit), True keeps them on the
+    #: device (on the CPU only the code path changes), False moves every batch there and back
+    resident: bool | None = None
+    #: set while a resident fit runs: new deltas stay on the device
+    _resident: bool = False
     #: parameters that are upper bounds on fitting: a checkpoint written with other values is resumed all the same
     resume_bounds: tuple[str, ...] = ("epochs",)
 
@@ -332,7 +343,7 @@ class SampleWiseProtector(Protector):
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
             "surrogate": None if self.surrogate is None else self.surrogate.state_dict(),
-            "deltas": dict(self.deltas),
+            "deltas": {k: v.cpu() for k, v in self.deltas.items()},
             "progress": dict(self.progress_state),
         }
 
@@ -401,9 +412,39 @@ class SampleWiseProtector(Protector):
             self._resume(ckpt, ws)
         self.progress_state.setdefault("cases", list(ws.case_ids))
         batches = self._batches(ws)
-        self._fit(ws, batches, ckpt, progress)
+        if not self._place(ws):
+            self._fit(ws, batches, ckpt, progress)
+        else:
+            self._resident = True
+            try:
+                self._fit(ws, batches, ckpt, progress)
+            finally:
+                self._resident = False
+                self._to_host()
         self.fitted = True
         return self
+
+    def _place(self, ws: WorkSet) -> bool:
+        """Whether ``fit`` keeps the work set and the deltas on the device (:attr:`resident`); if so, moves them."""
+        resident = self.resident
+        if resident is None:
+            images = sum(x.numel() for x in ws.images)
+            resident = working_set_on(self.device, [*ws.images, *ws.labels, *self.deltas.values()],
+                                      extra_bytes=2 * images)  # the float16 deltas still to be made
+        if not resident:
+            return False
+        ws.images = [x.to(self.device) for x in ws.images]
+        ws.labels = [y.to(self.device) for y in ws.labels]
+        self.deltas = {k: v.to(self.device) for k, v in self.deltas.items()}
+        return True
+
+    def _to_host(self) -> None:
+        """Bring what a resident fit left on the device back to the CPU (the deltas; SALM adds its masks)."""
+        self.deltas = {k: v.cpu() for k, v in self.deltas.items()}
+
+    def _held(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a fit keeps a per-case result: on the device during a resident fit, on the CPU otherwise."""
+        return t if self._resident else t.cpu()
 
     def prepare(self, samples: Sequence[Mapping[str, Any]], for_fit: bool = True) -> WorkSet:
         """Move samples to the work grid (area-downsampled images, nearest-neighbour labels).
@@ -474,15 +515,15 @@ class SampleWiseProtector(Protector):
         target = x.shape[2:]
         if deltas is None:
             deltas = [self.deltas[ws.case_ids[i]].float() for i in idx]
-        delta = torch.stack([pad_to_multiple(d.float(), k, target) for d in deltas])
-        valid = torch.stack([pad_to_multiple(torch.ones((1,) + tuple(s)), k, target) for s in shapes])
+        delta = torch.stack([pad_to_multiple(d.float().to(x.device), k, target) for d in deltas])
+        valid = torch.stack([pad_to_multiple(torch.ones((1,) + tuple(s), device=x.device), k, target) for s in shapes])
         dev = self.device
         return _Batch(list(idx), x.to(dev), y.to(dev), delta.to(dev), valid.to(dev), shapes)
 
     def _store(self, ws: WorkSet, b: _Batch, delta: torch.Tensor) -> None:
         for j, i in enumerate(b.idx):
             crop = (slice(None),) + tuple(slice(0, s) for s in b.shapes[j])
-            self.deltas[ws.case_ids[i]] = delta[j][crop].detach().cpu().to(torch.float16)
+            self.deltas[ws.case_ids[i]] = self._held(delta[j][crop].detach()).to(torch.float16)
 
     def _views(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The random view the surrogate sees: flips / rot90 (when ``augment``) and the resample stand-in."""
@@ -493,15 +534,16 @@ class SampleWiseProtector(Protector):
     # -- building blocks used by the schedules ----------------------------------------------------------------------
     def _ensure_deltas(self, ws: WorkSet) -> None:
         for i, cid in enumerate(ws.case_ids):
-            if cid not in self.deltas:
-                self.deltas[cid] = self._init_delta(ws.images[i], cid).to(torch.float16)
+            if cid not in self.deltas:  # made on the CPU (its generator's stream), kept where the work set lies
+                init = self._init_delta(ws.images[i].cpu(), cid).to(torch.float16)
+                self.deltas[cid] = init.to(ws.images[i].device)
 
     def _train_surrogate(self, ws: WorkSet, batches: list[list[int]], steps: int, key: str, perturbed: bool,
                          surrogate: Surrogate | None = None) -> float:
         """``steps`` Adam steps of the surrogate on shuffled batches of (perturbed or clean) work images.
 
         Returns:
-            the mean training loss.
+            the mean training loss (read back from the device once, after the last step).
         """
         sur = surrogate or self.surrogate
         g = self.generator(key, "train")
@@ -513,8 +555,9 @@ class SampleWiseProtector(Protector):
             b = self._collate(ws, idx, zeros)
             x = (b.x + b.delta).clamp(0, 1)
             x = random_resample(x, g, self.resample_scale, self.resample_prob)
-            losses.append(sur.train_step(x, b.y, generator=g, augment=self.augment))
-        return float(sum(losses) / max(1, len(losses)))
+            losses.append(sur.train_step(x, b.y, generator=g, augment=self.augment, as_tensor=True))
+        values = torch.stack(losses).tolist() if losses else []
+        return float(sum(values) / max(1, len(values)))
 
     def _surrogate_dice(self, ws: WorkSet, batches: list[list[int]], max_cases: int = 64) -> float:
         """Mean foreground Dice of the surrogate on perturbed training cases (a fixed subset of ``max_cases``)."""

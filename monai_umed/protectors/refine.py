@@ -28,6 +28,13 @@ rotations, renormalisation, rounding). Rounds continue until the surrogate fits 
 training Dice over the round reaches ``stop_dice``) or ``rounds`` is reached; the per-round Dice and losses are
 kept in :attr:`ReleaseRefiner.history`.
 
+On an accelerator the fit keeps its working set (images, labels, budget maps and the float16 perturbations) on the
+device when it fits in half of the free device memory (:func:`~monai_umed.protectors.base.working_set_on`), and its
+inner loops do not wait for the device: losses and Dice counts stay device tensors until the end of a round, the
+energy projection runs a fixed number of passes instead of testing convergence on the host. The perturbations are
+the same as with per-batch transfers (bit for bit on the CPU, where the test forces that path); what the fit returns,
+saves and :meth:`ReleaseRefiner.state_dict` gives lies on the CPU.
+
 Working on a coarse grid is what makes the perturbation survive the trainer's anti-aliased resize: it has no
 structure finer than the victim's pixels. Everything random comes from generators seeded by ``(seed, round)``, so
 an interrupted fit resumed from its checkpoint gives the same perturbations.
@@ -44,10 +51,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_umed.protectors.base import case_seed
+from monai_umed.protectors.base import case_seed, working_set_on
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.release import ReleasePath, linear_resize, quantise_st
-from monai_umed.protectors.surrogate import Surrogate, foreground_dice, pad_to_multiple
+from monai_umed.protectors.surrogate import Surrogate, dice_counts, dice_from_counts, pad_to_multiple
 
 __all__ = [
     "RefineSettings",
@@ -63,6 +70,7 @@ __all__ = [
     "as_victim_grids",
     "as_work_size",
     "build_refiner",
+    "working_set_on",
 ]
 
 
@@ -137,7 +145,18 @@ class ReleaseRefiner:
         settings: the schedule.
         levels: steps of the written dtype (255 for 8-bit data; None: float files, no rounding).
         seed: the run seed.
+
+    Attributes:
+        resident: where :meth:`fit` keeps its working set: None (default) decides with
+            :func:`~monai_umed.protectors.base.working_set_on` (on an accelerator, if it fits), True keeps it on the
+            surrogate's device without host round trips in the inner loops (also on the CPU, where it changes nothing
+            but the code path), False moves every batch there and back.
     """
+
+    #: see the class docstring
+    resident: bool | None = None
+    #: set during a resident fit: the inner loops do not wait for the device (:meth:`project_energy`'s ``sync``)
+    _lazy: bool = False
 
     def __init__(self, surrogate: Surrogate, path: ReleasePath, settings: RefineSettings, levels: int | None = 255,
                  seed: int = 0) -> None:
@@ -152,13 +171,17 @@ class ReleaseRefiner:
     # -- the written image --------------------------------------------------------------------------------------------
     @staticmethod
     def project_energy(d: torch.Tensor, limit: torch.Tensor, energy: torch.Tensor | None,
-                       mode: str = "scale") -> torch.Tensor:
+                       mode: str = "scale", sync: bool = True) -> torch.Tensor:
         """Bring each case's ``d`` back inside its energy budget: the native perturbation's mean squared value at
         most ``energy`` (B values; None: no energy budget).
 
         ``scale``: multiply ``d`` by ``f <= 1`` (repeated, since a value held by the clamp may grow back towards it).
         ``sparse``: zero the work-grid cells with the smallest ``|d|`` (summed over channels) until the
         budget holds (bisection on the kept fraction), then scale what is left if a single cell is still too much.
+
+        ``sync=False`` gives the same values without asking the device whether to go on: the bisection runs even
+        when no case is over its budget (it then keeps every cell) and the scaling runs all its passes, each one
+        multiplying by exactly 1 once the budget held.
         """
         if energy is None:
             return d
@@ -169,7 +192,7 @@ class ReleaseRefiner:
 
         if mode == "sparse":
             over = mse(d) > e
-            if bool(over.any()):
+            if not sync or bool(over.any()):
                 score = d.abs().sum(1, keepdim=True).flatten(1)  # B x cells
                 ranked = score.sort(dim=1, descending=True).values
                 lo = torch.zeros(d.shape[0], dtype=torch.long, device=d.device)
@@ -183,11 +206,18 @@ class ReleaseRefiner:
                 thr = ranked.gather(1, (lo - 1).clamp_min(0)[:, None])
                 keep = ((score >= thr) & (lo[:, None] > 0)) | ~over[:, None]
                 d = d * keep.view(d.shape[0], 1, *d.shape[2:]).to(d.dtype)
+        held = None  # sync=False: whether the budget held at an earlier pass (a device bool)
         for _ in range(8):  # a clamped value may grow back when scaled, so scaling converges in a few steps
             m = mse(d)
-            if bool((m <= e * (1 + 1e-6)).all()):
-                break
+            ok = (m <= e * (1 + 1e-6)).all()
+            if sync:
+                if bool(ok):
+                    break
+            else:
+                held = ok if held is None else held | ok
             f = torch.sqrt(e / m.clamp_min(1e-30)).clamp(max=1.0).to(d.dtype)
+            if held is not None:
+                f = torch.where(held, torch.ones_like(f), f)
             d = d * f.view(-1, *([1] * (d.ndim - 1)))
         return d
 
@@ -219,7 +249,20 @@ class ReleaseRefiner:
         return [out[i] for i in perm]
 
     def _stack(self, items: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.Tensor:
+        """A batch of ``items`` on the surrogate's device (no copy when they already lie there)."""
         return torch.stack([items[i] for i in idx]).to(self.surrogate.device)
+
+    def _place(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+               limits: Sequence[torch.Tensor], case_ids: Sequence[str]) -> bool:
+        """Whether :meth:`fit` keeps its working set on the surrogate's device (:attr:`resident`)."""
+        if self.resident is not None:
+            return bool(self.resident)
+        deltas = [self.deltas[c] for c in case_ids]
+        return working_set_on(self.surrogate.device, [*images, *labels, *limits, *deltas])
+
+    def _to_host(self) -> None:
+        """Bring what a resident fit left on the device back to the CPU (the fitted perturbations)."""
+        self.deltas = {k: v.cpu() for k, v in self.deltas.items()}
 
     def fit(
         self,
@@ -243,10 +286,9 @@ class ReleaseRefiner:
             energies: per-case largest mean squared perturbation (normalised units; None: the map alone bounds it).
 
         Returns:
-            ``case_id -> work-grid perturbation`` (float16, C x work spatial).
+            ``case_id -> work-grid perturbation`` (float16, C x work spatial, on the CPU).
         """
         st = self.settings
-        shapes = [tuple(x.shape[1:]) for x in images]
         ckpt = Path(checkpoint) if checkpoint is not None else None
         start = 0
         if ckpt is not None and ckpt.is_file():
@@ -264,36 +306,77 @@ class ReleaseRefiner:
             return self.deltas
         y_all = [torch.as_tensor(y).long() for y in labels]
         e_all = None if energies is None else torch.as_tensor([float(e) for e in energies], dtype=torch.float64)
+        resident = self._place(images, y_all, limits, case_ids)
+        if not resident:
+            self._rounds(images, y_all, limits, case_ids, e_all, start, ckpt, log)
+            return self.deltas
+        dev = self.surrogate.device
+        images = [x.to(dev) for x in images]
+        y_all = [y.to(dev) for y in y_all]
+        limits = [lim.to(dev) for lim in limits]
+        self.deltas = {k: v.to(dev) for k, v in self.deltas.items()}
+        e_cases = None if e_all is None else list(e_all.to(dev).unbind(0))
+        self._lazy = True
+        try:
+            self._rounds(images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases)
+        finally:
+            self._lazy = False
+            self._to_host()
+        return self.deltas
+
+    def _rounds(self, images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases=None) -> None:
+        """The min-min rounds of :meth:`fit` from round ``start`` (``e_cases``: the energies as device scalars, for a
+        resident working set). Losses and Dice counts stay on the device until the end of each round."""
+        st = self.settings
+        shapes = [tuple(x.shape[1:]) for x in images]
         for r in range(start, st.rounds):
             g = torch.Generator().manual_seed(case_seed(self.seed, f"refine-round-{r}"))
             if st.reset_every and r > 0 and r % st.reset_every == 0:
                 self._reset_surrogate(r)
-            dice_sum, loss_sum, n = 0.0, 0.0, 0
+            sizes, losses, counts = [], [], []
             for _ in range(st.surrogate_epochs):
                 for idx in self._batches(shapes, g):
                     x, y, lim = self._stack(images, idx), self._stack(y_all, idx), self._stack(limits, idx)
                     d = torch.stack([self.deltas[case_ids[i]] for i in idx]).float().to(x.device)
                     with torch.no_grad():
                         xv, yv = self._view(x, y, d, lim, g)
-                    loss, logits = self.surrogate.step(xv, yv)
-                    dice = foreground_dice(logits.argmax(1, keepdim=True), yv)
-                    loss_sum, dice_sum, n = loss_sum + loss * len(idx), dice_sum + dice * len(idx), n + len(idx)
+                    loss, logits = self.surrogate.step(xv, yv, as_tensor=True)
+                    sizes.append(len(idx))
+                    losses.append(loss)
+                    # the labels lie below the network's outputs (its loss takes them one-hot)
+                    counts.append(dice_counts(logits.argmax(1, keepdim=True), yv, int(logits.shape[1])))
+            dice_sum, loss_sum, n = 0.0, 0.0, 0
+            if sizes:  # one host round trip per round, the same arithmetic as per batch
+                for b, loss, cnt in zip(sizes, torch.stack(losses).tolist(), torch.stack(counts).tolist()):
+                    loss_sum, dice_sum, n = loss_sum + loss * b, dice_sum + dice_from_counts(cnt) * b, n + b
             rec = {"round": r, "dice": dice_sum / max(n, 1), "loss": loss_sum / max(n, 1)}
             if rec["dice"] < st.stop_dice and st.pgd_steps > 0:
-                pgd_sum, m = 0.0, 0
+                sizes, losses = [], []
                 self.surrogate.model.eval()
                 self.surrogate.model.requires_grad_(False)
                 try:
                     for idx in self._batches(shapes, g):
                         x, y, lim = self._stack(images, idx), self._stack(y_all, idx), self._stack(limits, idx)
                         d = torch.stack([self.deltas[case_ids[i]] for i in idx]).float().to(x.device)
-                        e = None if e_all is None else e_all[idx].to(x.device)
-                        d, pl = self._descend(x, y, d, lim, g, st.pgd_steps, e)
+                        if e_cases is not None:
+                            e = torch.stack([e_cases[i] for i in idx])
+                        else:
+                            e = None if e_all is None else e_all[idx].to(x.device)
+                        d, step_losses = self._descend(x, y, d, lim, g, st.pgd_steps, e)
                         for j, i in enumerate(idx):
-                            self.deltas[case_ids[i]] = d[j].detach().cpu().to(torch.float16)
-                        pgd_sum, m = pgd_sum + pl * len(idx), m + len(idx)
+                            dj = d[j].detach()
+                            self.deltas[case_ids[i]] = (dj if self._lazy else dj.cpu()).to(torch.float16)
+                        sizes.append(len(idx))
+                        losses.append(step_losses)
                 finally:
                     self.surrogate.model.requires_grad_(True)
+                pgd_sum, m = 0.0, 0
+                if sizes:
+                    for b, vals in zip(sizes, torch.stack(losses).tolist()):
+                        total = 0.0
+                        for v in vals:
+                            total += v
+                        pgd_sum, m = pgd_sum + total / max(st.pgd_steps, 1) * b, m + b
                 rec["pgd_loss"] = pgd_sum / max(m, 1)
             self.history.append(rec)
             if log is not None:
@@ -302,7 +385,6 @@ class ReleaseRefiner:
                 self._save(ckpt, r + 1, case_ids)
             if rec["dice"] >= st.stop_dice:
                 break
-        return self.deltas
 
     def _reset_surrogate(self, r: int) -> None:
         """Fresh surrogate weights (seeded by the run and the round) and a fresh optimiser."""
@@ -325,12 +407,13 @@ class ReleaseRefiner:
         rms = ((grad.pow(2) * inside).sum(dims, keepdim=True) / inside.sum(dims, keepdim=True).clamp_min(1.0)).sqrt()
         return grad / rms.clamp_min(1e-12)
 
-    def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, float]:
-        """``steps`` descent steps (:attr:`RefineSettings.step`) of the surrogate's loss, each through a fresh random view, projected on
-        the budget map and the energy budget."""
+    def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``steps`` descent steps (:attr:`RefineSettings.step`) of the surrogate's loss, each through a fresh random
+        view, projected on the budget map and the energy budget; returns the perturbations and the ``steps`` losses
+        (a device tensor: the caller decides when to wait for it)."""
         bound = upsample_limit(lim, d.shape[2:])
         alpha = bound * self.settings.step_fraction
-        total = 0.0
+        losses = []
         for _ in range(steps):
             d = d.detach().requires_grad_(True)
             xv, yv = self._view(x, y, d, lim, g)
@@ -338,9 +421,9 @@ class ReleaseRefiner:
             (grad,) = torch.autograd.grad(loss, d)
             with torch.no_grad():
                 d = torch.maximum(torch.minimum(d - alpha * self._direction(grad, bound), bound), -bound)
-                d = self.project_energy(d, lim, energy, self.settings.energy_mode)
-            total += float(loss.detach())
-        return d.detach(), total / max(steps, 1)
+                d = self.project_energy(d, lim, energy, self.settings.energy_mode, sync=not self._lazy)
+            losses.append(loss.detach())
+        return d.detach(), _stacked(losses, d.device)
 
     def refine_case(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor, case_id: str,
                     init: torch.Tensor | None = None, steps: int | None = None,
@@ -374,13 +457,20 @@ class ReleaseRefiner:
             torch.save(state, tmp)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"deltas": dict(self.deltas), "history": list(self.history), "surrogate": self.surrogate.state_dict()}
+        """Perturbations (on the CPU, also during a resident fit), the round log and the surrogate's state."""
+        return {"deltas": {k: v.cpu() for k, v in self.deltas.items()}, "history": list(self.history),
+                "surrogate": self.surrogate.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "ReleaseRefiner":
         self.deltas = {str(k): v for k, v in state["deltas"].items()}
         self.history = list(state.get("history", []))
         self.surrogate.load_state_dict(state["surrogate"])
         return self
+
+
+def _stacked(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-dim tensors as one 1-D tensor (empty: a 0-length float tensor on ``device``)."""
+    return torch.stack(list(values)) if len(values) else torch.zeros(0, device=device)
 
 
 def upsample_limit(limit: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

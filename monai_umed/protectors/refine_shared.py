@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from monai_umed.protectors.refine import ReleaseRefiner, upsample_limit
+from monai_umed.protectors.refine import ReleaseRefiner, _stacked, upsample_limit
 
 __all__ = ["SharedTileRefiner", "tile_pattern"]
 
@@ -61,19 +61,26 @@ class SharedTileRefiner(ReleaseRefiner):
         assert self.pattern is not None
         return tile_pattern(self.pattern.to(d.device, d.dtype), d.shape[2:])[None].expand_as(d)
 
-    def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, float]:
+    def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` sign steps on the shared tile (one per call of the loss), each through a fresh random view; returns
-        the batch's projected perturbations made from the updated tile."""
+        the batch's projected perturbations made from the updated tile and the ``steps`` losses (a device tensor).
+        During a resident fit the tile stays on the device and the step size is never read back to the host."""
+        lazy = self._lazy
         if self.pattern is None:
-            self.pattern = torch.zeros((d.shape[1],) + (self.tile,) * (d.ndim - 2))
-        top = float(upsample_limit(lim, d.shape[2:]).max())
-        alpha = top * self.settings.step_fraction / 10.0
-        total = 0.0
+            self.pattern = torch.zeros((d.shape[1],) + (self.tile,) * (d.ndim - 2), device=d.device if lazy else None)
+        top_t = upsample_limit(lim, d.shape[2:]).max()
+        if lazy:  # the same float64 arithmetic as on the host, rounded to the tile's dtype where it is applied
+            top = top_t
+            alpha = (top_t.double() * self.settings.step_fraction / 10.0).to(top_t.dtype)
+        else:
+            top = float(top_t)
+            alpha = top * self.settings.step_fraction / 10.0
+        losses = []
         for _ in range(steps):
             t = self.pattern.to(d.device).clone().requires_grad_(True)
             full = tile_pattern(t, d.shape[2:])[None].expand_as(d)
             with torch.no_grad():  # the energy projection is a per-case scale: keep it out of the gradient
-                proj = self.project_energy(full.detach(), lim, energy, "scale")
+                proj = self.project_energy(full.detach(), lim, energy, "scale", sync=not lazy)
                 n = full.detach().flatten(1).norm(dim=1)
                 # a zero tile (the first step) keeps scale 1, or its gradient would vanish with it
                 f = torch.where(n > 0, proj.flatten(1).norm(dim=1) / n.clamp_min(1e-12), torch.ones_like(n))
@@ -81,11 +88,17 @@ class SharedTileRefiner(ReleaseRefiner):
             loss = self.surrogate.loss(xv, yv)
             (grad,) = torch.autograd.grad(loss, t)
             with torch.no_grad():
-                self.pattern = (t - alpha * grad.sign()).clamp(-top, top).detach().cpu()
-            total += float(loss.detach())
+                new = (t - alpha * grad.sign()).clamp(-top, top).detach()
+                self.pattern = new if lazy else new.cpu()
+            losses.append(loss.detach())
         with torch.no_grad():
-            out = self.project_energy(self._cases(d), lim, energy, "scale")
-        return out.detach(), total / max(steps, 1)
+            out = self.project_energy(self._cases(d), lim, energy, "scale", sync=not lazy)
+        return out.detach(), _stacked(losses, d.device)
+
+    def _to_host(self) -> None:
+        super()._to_host()
+        if self.pattern is not None:
+            self.pattern = self.pattern.cpu()
 
     def fit(
         self,
@@ -112,7 +125,8 @@ class SharedTileRefiner(ReleaseRefiner):
         return self.deltas
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pattern": self.pattern, "tile": self.tile}
+        pattern = None if self.pattern is None else self.pattern.cpu()
+        return {**super().state_dict(), "pattern": pattern, "tile": self.tile}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)

@@ -87,6 +87,13 @@ def axis_matrix(n_in: int, n_out: int, antialias: bool) -> torch.Tensor:
     return out.view(n_in, n_out).t().contiguous().float()
 
 
+@lru_cache(maxsize=128)
+def _axis_matrix_on(n_in: int, n_out: int, antialias: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`axis_matrix` on ``device`` in ``dtype``, kept: a resize inside a fit's inner loop on an accelerator
+    then copies nothing from the host (a host-to-device copy waits for the device)."""
+    return axis_matrix(n_in, n_out, antialias).to(device=device, dtype=dtype)
+
+
 def linear_resize(x: torch.Tensor, shape: Sequence[int], antialias: bool = True) -> torch.Tensor:
     """Resize a batch (B x C x spatial) axis by axis with :func:`axis_matrix`; differentiable.
 
@@ -97,7 +104,7 @@ def linear_resize(x: torch.Tensor, shape: Sequence[int], antialias: bool = True)
     for d, (n_in, n_out) in enumerate(zip(x.shape[2:], shape)):
         if n_in == n_out:
             continue
-        m = axis_matrix(int(n_in), n_out, antialias).to(device=x.device, dtype=x.dtype)
+        m = _axis_matrix_on(int(n_in), n_out, antialias, x.device, x.dtype)
         x = torch.movedim(torch.movedim(x, 2 + d, -1) @ m.t(), -1, 2 + d)
     return x
 

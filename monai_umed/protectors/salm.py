@@ -111,7 +111,7 @@ class SALMProtector(EMProtector):
         return {**super().params(), "tau": self.tau, "k": self.k}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "masks": dict(self.masks)}
+        return {**super().state_dict(), "masks": {k: v.cpu() for k, v in self.masks.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SALMProtector":
         super().load_state_dict(state)
@@ -160,9 +160,13 @@ class SALMProtector(EMProtector):
             return
         for j, i in enumerate(b.idx):
             crop = (slice(None),) + tuple(slice(0, s) for s in b.shapes[j])
-            m = b.selected[j][crop].detach().cpu()
+            m = self._held(b.selected[j][crop].detach())
             cid = ws.case_ids[i]
             self.masks[cid] = m if cid not in self.masks else (self.masks[cid] | m)
+
+    def _to_host(self) -> None:
+        super()._to_host()
+        self.masks = {k: v.cpu() for k, v in self.masks.items()}
 
     def _work_mask(self, delta_w: torch.Tensor, case_id: str | None) -> torch.Tensor:
         if case_id is not None and case_id in self.masks:

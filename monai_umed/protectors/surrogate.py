@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-__all__ = ["Surrogate", "pad_to_multiple", "collate_padded", "augment_pair", "foreground_dice"]
+__all__ = ["Surrogate", "pad_to_multiple", "collate_padded", "augment_pair", "foreground_dice", "dice_counts",
+           "dice_from_counts"]
 
 
 def pad_to_multiple(x: torch.Tensor, k: int, shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -68,6 +69,23 @@ def foreground_dice(pred: torch.Tensor, y: torch.Tensor) -> float:
         denom = int(p.sum() + t.sum())
         if denom:
             vals.append(2.0 * float((p & t).sum()) / denom)
+    return sum(vals) / len(vals) if vals else 1.0
+
+
+def dice_counts(pred: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per foreground class ``1 .. classes - 1``: the overlap and the summed sizes of ``pred`` and ``y`` (a
+    ``(classes - 1) x 2`` int64 tensor on their device, no host round trip). :func:`dice_from_counts` turns it into
+    :func:`foreground_dice`'s value when no label reaches ``classes`` (a network with ``classes`` outputs)."""
+    rows = []
+    for c in range(1, max(int(classes), 2)):
+        p, t = pred == c, y == c
+        rows.append(torch.stack([(p & t).sum(), p.sum() + t.sum()]))
+    return torch.stack(rows)
+
+
+def dice_from_counts(counts: Sequence[Sequence[int]]) -> float:
+    """:func:`foreground_dice` from host :func:`dice_counts` (``counts.tolist()``), with the same arithmetic."""
+    vals = [2.0 * float(inter) / int(denom) for inter, denom in counts if int(denom)]
     return sum(vals) / len(vals) if vals else 1.0
 
 
@@ -135,22 +153,25 @@ class Surrogate:
         return self.loss_fn(self.model(x), y.long())
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                   augment: bool = True) -> float:
-        """One Adam step on ``(x, y)`` (detached), with :func:`augment_pair` when ``augment``."""
+                   augment: bool = True, as_tensor: bool = False) -> float | torch.Tensor:
+        """One Adam step on ``(x, y)`` (detached), with :func:`augment_pair` when ``augment``; returns the loss (a
+        detached 0-dim tensor on the device with ``as_tensor``: no host round trip)."""
         x, y = x.detach(), y.detach()
         if augment:
             x, y = augment_pair(x, y, generator)
-        return self.step(x, y)[0]
+        return self.step(x, y, as_tensor=as_tensor)[0]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """One Adam step on ``(x, y)`` as given (no augmentation); returns the loss and the detached logits."""
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             as_tensor: bool = False) -> tuple[float | torch.Tensor, torch.Tensor]:
+        """One Adam step on ``(x, y)`` as given (no augmentation); returns the loss (a float, or with ``as_tensor``
+        a detached 0-dim tensor on the device, so the caller decides when to wait for it) and the detached logits."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(x.detach())
         loss = self.loss_fn(logits, y.detach().long())
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach()), logits.detach()
+        return (loss.detach() if as_tensor else float(loss.detach())), logits.detach()
 
     @torch.no_grad()
     def dice(self, x: torch.Tensor, y: torch.Tensor) -> float:
