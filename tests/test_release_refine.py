@@ -217,11 +217,11 @@ def test_shared_tile_is_one_pattern_for_every_case_and_resumes(tmp_path):
     samples = _samples()
     p = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(samples, progress=False)
     ref = p.refiner
-    assert isinstance(ref, SharedTileRefiner) and ref.pattern is not None and tuple(ref.pattern.shape) == (3, 4, 4)
+    assert isinstance(ref, SharedTileRefiner) and ref.pattern is not None and tuple(ref.pattern.shape) == (1, 3, 4, 4)
     assert float(ref.pattern.abs().max()) > 0
     for s in samples:  # every case's work-grid perturbation is the tiled pattern, scaled to its energy budget
         d = ref.deltas[s["case_id"]].float()
-        tiled = tile_pattern(ref.pattern, d.shape[1:])
+        tiled = tile_pattern(ref.pattern[0], d.shape[1:])
         scale = float((d * tiled).sum() / tiled.pow(2).sum())
         assert 0 < scale <= 1.0 + 1e-3
         assert torch.allclose(d, scale * tiled, atol=2e-3)
@@ -326,3 +326,24 @@ def test_resident_umed_fit_writes_the_same_perturbations(monkeypatch):
         x, y, cid = s["image"], s["label"], s["case_id"]
         assert torch.equal(res.refiner.deltas[cid], ref.refiner.deltas[cid])
         assert torch.equal(res.perturbation(x, y, cid), ref.perturbation(x, y, cid))
+
+
+def test_classwise_tiles_lay_each_class_pattern_on_its_own_pixels():
+    from monai_umed.protectors.refine_shared import tile_pattern
+
+    samples = _samples()
+    p = UMedProtector(**{**FAST, "refine_tile": 4, "refine_tile_classwise": "true", "distil_epochs": 0}).fit(
+        samples, progress=False)
+    ref = p.refiner
+    assert p.params()["refine_tile_classwise"] is True and tuple(ref.pattern.shape) == (2, 3, 4, 4)
+    assert float(ref.pattern[0].abs().max()) > 0 and float(ref.pattern[1].abs().max()) > 0
+    for s in samples:  # on a work cell of one class only, the case's perturbation is that class's tile (scaled)
+        d = ref.deltas[s["case_id"]].float()
+        frac = torch.nn.functional.interpolate(s["label"][None].float(), size=d.shape[1:], mode="area")[0, 0]
+        for k, cells in ((1, frac == 1), (0, frac == 0)):
+            tiled = tile_pattern(ref.pattern[k], d.shape[1:])[:, cells]
+            got = d[:, cells]
+            scale = float((got * tiled).sum() / tiled.pow(2).sum().clamp_min(1e-12))
+            assert torch.allclose(got, scale * tiled, atol=2e-3)
+    q = UMedProtector(**FAST).load_state_dict(p.state_dict())
+    assert q.refine_tile_classwise and torch.equal(q.refiner.pattern, ref.pattern)

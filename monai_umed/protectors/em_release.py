@@ -40,6 +40,7 @@ from monai_umed.protectors.pgd import WorkSet, linf_bound
 from monai_umed.protectors.refine import (
     RefineSettings,
     ReleaseRefiner,
+    as_bool,
     as_victim_grids,
     as_work_size,
     auto_victim_grids,
@@ -56,18 +57,6 @@ __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
 #: the release-stage parameters (recorded by ``params`` and restored from a state by ``load_state_dict``)
 RELEASE_PARAMS = ("release", "min_psnr", "victim_grids", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                   "refine_reset", "refine_stop", "refine_size")
-
-
-def _as_bool(value: Any) -> bool:
-    """``True``/``False`` from a bool, a number or a command-line string (``true``, ``false``, ``1``, ``0``...)."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("true", "yes", "on", "1"):
-            return True
-        if v in ("false", "no", "off", "0", "", "none"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    return bool(value)
 
 
 class EMReleaseStage:
@@ -99,7 +88,7 @@ class EMReleaseStage:
         Raises:
             ValueError: a parameter out of range.
         """
-        self.release = _as_bool(release)
+        self.release = as_bool(release)
         self.min_psnr = None if min_psnr in (None, "", "none", 0) else float(min_psnr)
         if self.min_psnr is not None and self.min_psnr <= 0:
             raise ValueError(f"min_psnr must be positive (dB) or None, got {min_psnr}")
@@ -148,7 +137,7 @@ class EMReleaseStage:
         p = dict(params)
         if not any(k in p for k in RELEASE_PARAMS):
             return
-        self.release = _as_bool(p.get("release", self.release))
+        self.release = as_bool(p.get("release", self.release))
         self.min_psnr = p.get("min_psnr", self.min_psnr)
         self.victim_grids = as_victim_grids(p.get("victim_grids", self.victim_grids))
         self.refine_size = as_work_size(p.get("refine_size", self.refine_size))

@@ -69,6 +69,7 @@ __all__ = [
     "auto_work_size",
     "as_victim_grids",
     "as_work_size",
+    "as_bool",
     "build_refiner",
     "working_set_on",
 ]
@@ -106,6 +107,8 @@ class RefineSettings:
             one it sees well.
         shared_tile: 0 (one perturbation per case) or the side, in work-grid cells, of one tile shared by every case
             (:class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`).
+        shared_classwise: with ``shared_tile``, one tile per class, each laid on its own class's pixels (class-wise
+            noise) instead of one tile over the whole footprint.
     """
 
     rounds: int = 20
@@ -120,6 +123,7 @@ class RefineSettings:
     energy_mode: str = "scale"
     step: str = "sign"
     shared_tile: int = 0
+    shared_classwise: bool = False
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
@@ -518,6 +522,18 @@ def as_victim_grids(value: Any) -> str | tuple[int, ...]:
     return grids
 
 
+def as_bool(value: Any) -> bool:
+    """``True``/``False`` from a bool, a number or a command-line string (``true``, ``false``, ``1``, ``0``...)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "yes", "on", "1"):
+            return True
+        if v in ("false", "no", "off", "0", "", "none"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return bool(value)
+
+
 def as_work_size(value: Any) -> str | int | None:
     """Parse a release stage's ``refine_size`` parameter (see :func:`auto_work_size`).
 
@@ -570,7 +586,8 @@ def build_refiner(
     if settings.shared_tile:
         from monai_umed.protectors.refine_shared import SharedTileRefiner
 
-        return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile)
+        return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
+                                 classwise=settings.shared_classwise)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from monai_umed.protectors.refine import ReleaseRefiner, _stacked, upsample_limit
 
@@ -49,17 +50,38 @@ class SharedTileRefiner(ReleaseRefiner):
         tile: the tile's side in work-grid cells.
     """
 
-    def __init__(self, *args: Any, tile: int = 4, **kwargs: Any) -> None:  # noqa: D107
+    def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, **kwargs: Any) -> None:  # noqa: D107
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
             raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
         self.tile = int(tile)
+        self.classwise = bool(classwise)
         self.pattern: torch.Tensor | None = None
 
-    def _cases(self, d: torch.Tensor) -> torch.Tensor:
-        """The shared pattern as a batch shaped like ``d`` (B x C x work spatial)."""
+    def _tiles(self) -> int:
+        """How many tiles: one per class (``classwise``) or one."""
+        return int(getattr(self.surrogate.model, "out_channels", 2)) if self.classwise else 1
+
+    def _fractions(self, y: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """Each class's share of every work-grid cell (B x K x work spatial; None: one tile for all)."""
+        if not self.classwise:
+            return None
+        onehot = F.one_hot(y[:, 0].long(), self._tiles()).movedim(-1, 1).to(dtype)
+        return onehot if tuple(onehot.shape[2:]) == tuple(shape) else F.interpolate(onehot, size=tuple(shape),
+                                                                                    mode="area")
+
+    def _spread(self, t: torch.Tensor, frac: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The tile(s) ``t`` (K x C x tile) laid over a batch shaped like ``like``: one tile repeated everywhere, or
+        each class's tile weighted by the class's share of each cell."""
+        if frac is None:
+            return tile_pattern(t[0], like.shape[2:])[None].expand_as(like)
+        tiled = torch.stack([tile_pattern(tk, like.shape[2:]) for tk in t])  # K x C x work spatial
+        return (frac[:, :, None] * tiled[None]).sum(1)
+
+    def _cases(self, d: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The shared pattern as a batch shaped like ``d`` (B x C x work spatial) for labels ``y``."""
         assert self.pattern is not None
-        return tile_pattern(self.pattern.to(d.device, d.dtype), d.shape[2:])[None].expand_as(d)
+        return self._spread(self.pattern.to(d.device, d.dtype), self._fractions(y, d.shape[2:], d.dtype), d)
 
     def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` sign steps on the shared tile (one per call of the loss), each through a fresh random view; returns
@@ -67,7 +89,9 @@ class SharedTileRefiner(ReleaseRefiner):
         During a resident fit the tile stays on the device and the step size is never read back to the host."""
         lazy = self._lazy
         if self.pattern is None:
-            self.pattern = torch.zeros((d.shape[1],) + (self.tile,) * (d.ndim - 2), device=d.device if lazy else None)
+            self.pattern = torch.zeros((self._tiles(), d.shape[1]) + (self.tile,) * (d.ndim - 2),
+                                       device=d.device if lazy else None)
+        frac = self._fractions(y, d.shape[2:], d.dtype)
         top_t = upsample_limit(lim, d.shape[2:]).max()
         if lazy:  # the same float64 arithmetic as on the host, rounded to the tile's dtype where it is applied
             top = top_t
@@ -78,7 +102,7 @@ class SharedTileRefiner(ReleaseRefiner):
         losses = []
         for _ in range(steps):
             t = self.pattern.to(d.device).clone().requires_grad_(True)
-            full = tile_pattern(t, d.shape[2:])[None].expand_as(d)
+            full = self._spread(t, frac, d)
             with torch.no_grad():  # the energy projection is a per-case scale: keep it out of the gradient
                 proj = self.project_energy(full.detach(), lim, energy, "scale", sync=not lazy)
                 n = full.detach().flatten(1).norm(dim=1)
@@ -92,7 +116,7 @@ class SharedTileRefiner(ReleaseRefiner):
                 self.pattern = new if lazy else new.cpu()
             losses.append(loss.detach())
         with torch.no_grad():
-            out = self.project_energy(self._cases(d), lim, energy, "scale", sync=not lazy)
+            out = self.project_energy(self._cases(d, y), lim, energy, "scale", sync=not lazy)
         return out.detach(), _stacked(losses, d.device)
 
     def _to_host(self) -> None:
@@ -117,18 +141,20 @@ class SharedTileRefiner(ReleaseRefiner):
             self.pattern = torch.load(ckpt, map_location="cpu", weights_only=False).get("pattern")
         super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies)
         if self.pattern is not None:
-            for i, (x, lim, cid) in enumerate(zip(images, limits, case_ids)):
+            for i, (y, lim, cid) in enumerate(zip(labels, limits, case_ids)):
                 d = self.deltas[cid].float()[None]
                 e = None if energies is None else torch.tensor([float(energies[i])], dtype=torch.float64)
-                self.deltas[cid] = self.project_energy(self._cases(d), lim[None].float(), e, "scale")[0].to(
-                    torch.float16)
+                cases = self._cases(d, torch.as_tensor(y)[None])
+                self.deltas[cid] = self.project_energy(cases, lim[None].float(), e, "scale")[0].to(torch.float16)
         return self.deltas
 
     def state_dict(self) -> dict[str, Any]:
         pattern = None if self.pattern is None else self.pattern.cpu()
-        return {**super().state_dict(), "pattern": pattern, "tile": self.tile}
+        return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)
-        self.pattern = state.get("pattern")
+        pattern = state.get("pattern")
+        # keys written before per-class tiles hold one C x tile pattern
+        self.pattern = pattern[None] if pattern is not None and pattern.ndim == self.surrogate.spatial_dims + 1 else pattern
         return self

@@ -81,6 +81,7 @@ from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import (
     ReleaseRefiner,
+    as_bool,
     as_victim_grids,
     as_work_size,
     floor_to_levels,
@@ -179,6 +180,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             (:attr:`~monai_umed.protectors.refine.RefineSettings.step_fraction`).
         refine_tile: 0 (one refined perturbation per case) or the side, in work-grid cells, of one refined texture
             tile shared by every case (:mod:`~monai_umed.protectors.refine_shared`).
+        refine_tile_classwise: with ``refine_tile``, one tile per class, each on its own class's pixels.
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -241,6 +243,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_step: str = "sign",
         refine_step_fraction: float = 0.5,
         refine_tile: int = 0,
+        refine_tile_classwise: bool = False,
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -312,6 +315,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_step = str(refine_step)
         self.refine_step_fraction = float(refine_step_fraction)
         self.refine_tile = int(refine_tile)
+        self.refine_tile_classwise = as_bool(refine_tile_classwise)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         self.victim_grids: Any = as_victim_grids(victim_grids)
@@ -947,6 +951,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             "refine_step": self.refine_step,
             "refine_step_fraction": self.refine_step_fraction,
             "refine_tile": self.refine_tile,
+            "refine_tile_classwise": self.refine_tile_classwise,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
@@ -990,7 +995,8 @@ class UMedProtector(UMedReleaseStage, Protector):
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
-                    "release_jitter", "refine_step_fraction", "refine_tile"):
+                    "release_jitter", "refine_step_fraction", "refine_tile",
+                    "refine_tile_classwise"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:

@@ -68,7 +68,8 @@ class UMedReleaseStage:
                               stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
                               unseen_steps=self.refine_steps, reset_every=self.refine_reset,
                               energy_mode=self.refine_energy, step=self.refine_step,
-                              step_fraction=self.refine_step_fraction, shared_tile=self.refine_tile)
+                              step_fraction=self.refine_step_fraction, shared_tile=self.refine_tile,
+                              shared_classwise=self.refine_tile_classwise)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
