@@ -230,6 +230,14 @@ def test_shared_tile_is_one_pattern_for_every_case_and_resumes(tmp_path):
     # the key round-trips the pattern; a fit interrupted after one round resumes to the same pattern
     q = UMedProtector(**FAST).load_state_dict(p.state_dict())
     assert torch.equal(q.refiner.pattern, ref.pattern)
+    # a case not seen in fit gets the same tiled pattern (no generator involved), inside its map and energy budget
+    new = _samples(n=7)[6]
+    delta = q.perturbation(new["image"], new["label"], "unseen")
+    d = q.refiner.unseen(new["image"], new["label"], q.budget(new["image"], new["label"]), q._energy())
+    tiled = tile_pattern(ref.pattern[0], d.shape[1:])
+    assert torch.allclose(d, float((d * tiled).sum() / tiled.pow(2).sum()) * tiled, atol=1e-5)
+    assert float(delta.abs().max()) > 0 and torch.all(delta.abs() <= q.budget(new["image"], new["label"]) + 1e-6)
+    assert float(delta.pow(2).mean()) <= 10 ** (-q.min_psnr / 10) * (1 + 1e-6)
     ckpt = tmp_path / "fit.ckpt"
     UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0, "refine_rounds": 1}).fit(
         samples, progress=False, checkpoint=ckpt)

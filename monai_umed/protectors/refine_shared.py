@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.refine import ReleaseRefiner, _stacked, upsample_limit
 
 __all__ = ["SharedTileRefiner", "tile_pattern"]
@@ -118,6 +119,28 @@ class SharedTileRefiner(ReleaseRefiner):
         with torch.no_grad():
             out = self.project_energy(self._cases(d, y), lim, energy, "scale", sync=not lazy)
         return out.detach(), _stacked(losses, d.device)
+
+    def unseen(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor,
+               energy: float | None = None) -> torch.Tensor:
+        """A case not seen in fit gets the same shared pattern as the fitted ones: the tile(s) laid over its work grid
+        (by its labels when class-wise), scaled to its energy budget. No optimisation and no generator is needed.
+
+        Args:
+            image: C x spatial image (its shape sets the work grid).
+            label: 1 x spatial labels.
+            limit: C x spatial budget map.
+            energy: the case's largest mean squared perturbation (None: the map alone bounds it).
+
+        Returns:
+            The case's work-grid perturbation (C x work spatial, on the CPU).
+        """
+        if self.pattern is None:
+            raise RuntimeError("the shared tile is not fitted yet")
+        shape = work_shape(image.shape[1:], self.settings.work_size)
+        d = torch.zeros((1, image.shape[0]) + shape)
+        e = None if energy is None else torch.tensor([float(energy)], dtype=torch.float64)
+        cases = self._cases(d, torch.as_tensor(label).cpu()[None])
+        return self.project_energy(cases, limit.cpu()[None].float(), e, "scale")[0]
 
     def _to_host(self) -> None:
         super()._to_host()

@@ -48,6 +48,7 @@ from monai_umed.protectors.refine import (
     cap_energy,
     psnr_energy,
 )
+from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["UMedReleaseStage"]
@@ -111,7 +112,7 @@ class UMedReleaseStage:
         energy = self._energy()
         self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log,
                          energies=None if energy is None else [energy] * len(ids))
-        if self.distil_epochs > 0:
+        if self.distil_epochs > 0 and not isinstance(self.refiner, SharedTileRefiner):  # a tile needs no generator
             targets = []
             for x, lim, cid in zip(images, limits, ids):
                 d = ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0]
@@ -150,7 +151,8 @@ class UMedReleaseStage:
     def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
                  case_id: str | None) -> torch.Tensor:
         """A case's perturbation in the release stage: the refined one for a training case; for an unseen case the
-        (distilled) generators' output, refined for ``refine_steps`` steps when asked to; energy-capped.
+        shared tile (``refine_tile``) or the (distilled) generators' output, refined for ``refine_steps`` steps when
+        asked to; energy-capped.
 
         Args:
             x: C x spatial image.
@@ -164,6 +166,8 @@ class UMedReleaseStage:
         energy = self._energy()
         if cid is not None and cid in self.refiner.deltas:
             d = self.refiner.deltas[cid].float().to(x.device)
+        elif isinstance(self.refiner, SharedTileRefiner):  # the shared pattern needs no generator
+            d = self.refiner.unseen(x, label, limit, energy).to(x.device)
         elif self.refine_steps > 0:
             shape = work_shape(x.shape[1:], self.refiner.settings.work_size)
             init = F.interpolate(generated[None].float(), size=shape, mode="area")[0]
