@@ -355,3 +355,18 @@ def test_classwise_tiles_lay_each_class_pattern_on_its_own_pixels():
             assert torch.allclose(got, scale * tiled, atol=2e-3)
     q = UMedProtector(**FAST).load_state_dict(p.state_dict())
     assert q.refine_tile_classwise and torch.equal(q.refiner.pattern, ref.pattern)
+
+
+def test_symmetric_tile_is_invariant_to_flips_and_rotations():
+    from monai_umed.protectors.refine_shared import symmetrise
+
+    t = symmetrise(torch.randn(2, 3, 4, 4), 2)
+    for k in range(4):
+        assert torch.allclose(torch.rot90(t, k, (-2, -1)), t, atol=1e-6)
+    assert torch.allclose(t.flip(-1), t, atol=1e-6) and torch.allclose(t.flip(-2), t, atol=1e-6)
+    c = symmetrise(torch.randn(1, 1, 3, 3, 3), 3)
+    assert torch.allclose(c.flip(-1), c, atol=1e-6) and torch.allclose(c.transpose(-3, -2), c, atol=1e-6)
+    p = UMedProtector(**{**FAST, "refine_tile": 4, "refine_tile_symmetric": True, "distil_epochs": 0}).fit(
+        _samples(), progress=False)
+    assert float(p.refiner.pattern.abs().max()) > 0
+    assert torch.allclose(torch.rot90(p.refiner.pattern, 1, (-2, -1)), p.refiner.pattern, atol=1e-6)

@@ -109,6 +109,8 @@ class RefineSettings:
             (:class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`).
         shared_classwise: with ``shared_tile``, one tile per class, each laid on its own class's pixels (class-wise
             noise) instead of one tile over the whole footprint.
+        shared_symmetric: with ``shared_tile``, keep the tile symmetric under the victim's flips and 90-degree
+            rotations (:func:`~monai_umed.protectors.refine_shared.symmetrise`).
     """
 
     rounds: int = 20
@@ -124,6 +126,7 @@ class RefineSettings:
     step: str = "sign"
     shared_tile: int = 0
     shared_classwise: bool = False
+    shared_symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
@@ -587,7 +590,7 @@ def build_refiner(
         from monai_umed.protectors.refine_shared import SharedTileRefiner
 
         return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
-                                 classwise=settings.shared_classwise)
+                                 classwise=settings.shared_classwise, symmetric=settings.shared_symmetric)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 

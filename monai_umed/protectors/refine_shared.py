@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.refine import ReleaseRefiner, _stacked, upsample_limit
 
-__all__ = ["SharedTileRefiner", "tile_pattern"]
+__all__ = ["SharedTileRefiner", "symmetrise", "tile_pattern"]
 
 
 def tile_pattern(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -41,6 +41,20 @@ def tile_pattern(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     reps = [1] + [-(-int(s) // int(t)) for s, t in zip(shape, tile.shape[1:])]
     full = tile.repeat(*reps)
     return full[(slice(None),) + tuple(slice(0, int(s)) for s in shape)]
+
+
+def symmetrise(tile: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """The mean of a tile (spatial axes last) over the flips of every spatial axis and the swap of the first two: a
+    pattern the victim's flips and 90-degree rotations leave unchanged (up to a shift of the tiling), so a network
+    needs one detector for it, not eight."""
+    axes = list(range(tile.ndim - spatial_dims, tile.ndim))
+    views = []
+    for swap in (False, True):
+        base = tile.transpose(axes[0], axes[1]) if swap else tile
+        for m in range(2**spatial_dims):
+            flip = [a for i, a in enumerate(axes) if m >> i & 1]
+            views.append(base.flip(flip) if flip else base)
+    return torch.stack(views).mean(0)
 
 
 class SharedTileRefiner(ReleaseRefiner):
@@ -51,12 +65,14 @@ class SharedTileRefiner(ReleaseRefiner):
         tile: the tile's side in work-grid cells.
     """
 
-    def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, **kwargs: Any) -> None:  # noqa: D107
+    def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, symmetric: bool = False,
+                 **kwargs: Any) -> None:  # noqa: D107
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
             raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
         self.tile = int(tile)
         self.classwise = bool(classwise)
+        self.symmetric = bool(symmetric)
         self.pattern: torch.Tensor | None = None
 
     def _tiles(self) -> int:
@@ -114,6 +130,8 @@ class SharedTileRefiner(ReleaseRefiner):
             (grad,) = torch.autograd.grad(loss, t)
             with torch.no_grad():
                 new = (t - alpha * grad.sign()).clamp(-top, top).detach()
+                if self.symmetric:
+                    new = symmetrise(new, d.ndim - 2)
                 self.pattern = new if lazy else new.cpu()
             losses.append(loss.detach())
         with torch.no_grad():
@@ -173,7 +191,8 @@ class SharedTileRefiner(ReleaseRefiner):
 
     def state_dict(self) -> dict[str, Any]:
         pattern = None if self.pattern is None else self.pattern.cpu()
-        return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise}
+        return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise,
+                "symmetric": self.symmetric}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)
