@@ -370,3 +370,20 @@ def test_symmetric_tile_is_invariant_to_flips_and_rotations():
         _samples(), progress=False)
     assert float(p.refiner.pattern.abs().max()) > 0
     assert torch.allclose(torch.rot90(p.refiner.pattern, 1, (-2, -1)), p.refiner.pattern, atol=1e-6)
+
+
+def test_filled_tile_spends_each_case_energy_budget():
+    samples = _samples()
+    kw = {**FAST, "refine_tile": 4, "distil_epochs": 0}
+    faint = UMedProtector(**kw).fit(samples, progress=False)
+    full = UMedProtector(**{**kw, "refine_tile_fill": "true"}).fit(samples, progress=False)
+    e = 10 ** (-full.min_psnr / 10)
+    spent = {"faint": [], "full": []}
+    for s in samples:
+        a = full.perturbation(s["image"], s["label"], s["case_id"])
+        b = faint.perturbation(s["image"], s["label"], s["case_id"])
+        assert float(a.pow(2).mean()) <= e * (1 + 1e-6)  # never over the budget
+        assert torch.all(a.abs() <= full.budget(s["image"], s["label"]) + 1e-6)
+        spent["full"].append(float(a.pow(2).mean()))
+        spent["faint"].append(float(b.pow(2).mean()))
+    assert sum(spent["full"]) > sum(spent["faint"])  # filling spends more of the budget than the faint tile

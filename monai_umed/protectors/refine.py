@@ -111,6 +111,7 @@ class RefineSettings:
             noise) instead of one tile over the whole footprint.
         shared_symmetric: with ``shared_tile``, keep the tile symmetric under the victim's flips and 90-degree
             rotations (:func:`~monai_umed.protectors.refine_shared.symmetrise`).
+        shared_fill: with ``shared_tile``, scale each case's pattern up to its energy budget, not only down.
     """
 
     rounds: int = 20
@@ -127,6 +128,7 @@ class RefineSettings:
     shared_tile: int = 0
     shared_classwise: bool = False
     shared_symmetric: bool = False
+    shared_fill: bool = False
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
@@ -590,7 +592,8 @@ def build_refiner(
         from monai_umed.protectors.refine_shared import SharedTileRefiner
 
         return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
-                                 classwise=settings.shared_classwise, symmetric=settings.shared_symmetric)
+                                 classwise=settings.shared_classwise, symmetric=settings.shared_symmetric,
+                                 fill=settings.shared_fill)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 

@@ -63,17 +63,33 @@ class SharedTileRefiner(ReleaseRefiner):
     Args:
         args, kwargs: those of :class:`~monai_umed.protectors.refine.ReleaseRefiner`.
         tile: the tile's side in work-grid cells.
+        classwise: one tile per class, each laid on its own class's pixels.
+        symmetric: keep the tile(s) symmetric under flips and 90-degree rotations (:func:`symmetrise`).
+        fill: scale each case's pattern up to its energy budget as well as down.
     """
 
     def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, symmetric: bool = False,
-                 **kwargs: Any) -> None:  # noqa: D107
+                 fill: bool = False, **kwargs: Any) -> None:  # noqa: D107
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
             raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
         self.tile = int(tile)
         self.classwise = bool(classwise)
         self.symmetric = bool(symmetric)
+        self.fill = bool(fill)
         self.pattern: torch.Tensor | None = None
+
+    def _budget(self, d: torch.Tensor, lim: torch.Tensor, energy: torch.Tensor | None, sync: bool = True) -> torch.Tensor:
+        """Each case's tiled pattern brought inside its energy budget; with ``fill``, first scaled *up* towards it too
+        (a few passes, since the map clamps part of what grows), so that every case spends its whole budget even
+        while the tile is faint or the map cuts it."""
+        if self.fill and energy is not None:
+            e = energy.double()
+            for _ in range(4):
+                m = self.native_delta(d, lim).double().pow(2).flatten(1).mean(1)
+                f = torch.where(m > 0, torch.sqrt(e / m.clamp_min(1e-30)), torch.ones_like(m)).to(d.dtype)
+                d = d * f.view(-1, *([1] * (d.ndim - 1)))
+        return self.project_energy(d, lim, energy, "scale", sync=sync)
 
     def _tiles(self) -> int:
         """How many tiles: one per class (``classwise``) or one."""
@@ -121,7 +137,7 @@ class SharedTileRefiner(ReleaseRefiner):
             t = self.pattern.to(d.device).clone().requires_grad_(True)
             full = self._spread(t, frac, d)
             with torch.no_grad():  # the energy projection is a per-case scale: keep it out of the gradient
-                proj = self.project_energy(full.detach(), lim, energy, "scale", sync=not lazy)
+                proj = self._budget(full.detach(), lim, energy, sync=not lazy)
                 n = full.detach().flatten(1).norm(dim=1)
                 # a zero tile (the first step) keeps scale 1, or its gradient would vanish with it
                 f = torch.where(n > 0, proj.flatten(1).norm(dim=1) / n.clamp_min(1e-12), torch.ones_like(n))
@@ -135,7 +151,7 @@ class SharedTileRefiner(ReleaseRefiner):
                 self.pattern = new if lazy else new.cpu()
             losses.append(loss.detach())
         with torch.no_grad():
-            out = self.project_energy(self._cases(d, y), lim, energy, "scale", sync=not lazy)
+            out = self._budget(self._cases(d, y), lim, energy, sync=not lazy)
         return out.detach(), _stacked(losses, d.device)
 
     def unseen(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor,
@@ -158,7 +174,7 @@ class SharedTileRefiner(ReleaseRefiner):
         d = torch.zeros((1, image.shape[0]) + shape)
         e = None if energy is None else torch.tensor([float(energy)], dtype=torch.float64)
         cases = self._cases(d, torch.as_tensor(label).cpu()[None])
-        return self.project_energy(cases, limit.cpu()[None].float(), e, "scale")[0]
+        return self._budget(cases, limit.cpu()[None].float(), e)[0]
 
     def _to_host(self) -> None:
         super()._to_host()
@@ -186,13 +202,13 @@ class SharedTileRefiner(ReleaseRefiner):
                 d = self.deltas[cid].float()[None]
                 e = None if energies is None else torch.tensor([float(energies[i])], dtype=torch.float64)
                 cases = self._cases(d, torch.as_tensor(y)[None])
-                self.deltas[cid] = self.project_energy(cases, lim[None].float(), e, "scale")[0].to(torch.float16)
+                self.deltas[cid] = self._budget(cases, lim[None].float(), e)[0].to(torch.float16)
         return self.deltas
 
     def state_dict(self) -> dict[str, Any]:
         pattern = None if self.pattern is None else self.pattern.cpu()
         return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise,
-                "symmetric": self.symmetric}
+                "symmetric": self.symmetric, "fill": self.fill}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)

@@ -182,6 +182,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             tile shared by every case (:mod:`~monai_umed.protectors.refine_shared`).
         refine_tile_classwise: with ``refine_tile``, one tile per class, each on its own class's pixels.
         refine_tile_symmetric: with ``refine_tile``, keep the tile symmetric under flips and 90-degree rotations.
+        refine_tile_fill: with ``refine_tile``, scale each case's pattern up to its energy budget, not only down.
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -246,6 +247,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_tile: int = 0,
         refine_tile_classwise: bool = False,
         refine_tile_symmetric: bool = False,
+        refine_tile_fill: bool = False,
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -319,6 +321,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_tile = int(refine_tile)
         self.refine_tile_classwise = as_bool(refine_tile_classwise)
         self.refine_tile_symmetric = as_bool(refine_tile_symmetric)
+        self.refine_tile_fill = as_bool(refine_tile_fill)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         self.victim_grids: Any = as_victim_grids(victim_grids)
@@ -956,6 +959,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             "refine_tile": self.refine_tile,
             "refine_tile_classwise": self.refine_tile_classwise,
             "refine_tile_symmetric": self.refine_tile_symmetric,
+            "refine_tile_fill": self.refine_tile_fill,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
@@ -1000,7 +1004,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
                     "release_jitter", "refine_step_fraction", "refine_tile",
-                    "refine_tile_classwise", "refine_tile_symmetric"):
+                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:

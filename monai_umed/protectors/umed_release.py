@@ -71,7 +71,8 @@ class UMedReleaseStage:
                               energy_mode=self.refine_energy, step=self.refine_step,
                               step_fraction=self.refine_step_fraction, shared_tile=self.refine_tile,
                               shared_classwise=self.refine_tile_classwise,
-                              shared_symmetric=self.refine_tile_symmetric)
+                              shared_symmetric=self.refine_tile_symmetric,
+                              shared_fill=self.refine_tile_fill)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
