@@ -37,7 +37,7 @@ def _samples(n=6, size=48, sd=2):
     return out
 
 
-FAST = dict(epochs=1, batch_size=4, refine_rounds=2, refine_pgd=2, victim_grids=(32,), seed=3)
+FAST = dict(epochs=1, batch_size=4, refine_rounds=2, refine_pgd=2, victim_grids=(32,), seed=3, refine_tile=0)
 
 
 def test_quantise_st_and_psnr():
@@ -215,7 +215,8 @@ def test_shared_tile_is_one_pattern_for_every_case_and_resumes(tmp_path):
     from monai_umed.protectors.refine_shared import SharedTileRefiner, tile_pattern
 
     samples = _samples()
-    p = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(samples, progress=False)
+    p = UMedProtector(**{**FAST, "refine_tile": 4, "refine_tile_classwise": False, "distil_epochs": 0}).fit(
+        samples, progress=False)
     ref = p.refiner
     assert isinstance(ref, SharedTileRefiner) and ref.pattern is not None and tuple(ref.pattern.shape) == (1, 3, 4, 4)
     assert float(ref.pattern.abs().max()) > 0
@@ -239,9 +240,9 @@ def test_shared_tile_is_one_pattern_for_every_case_and_resumes(tmp_path):
     assert float(delta.abs().max()) > 0 and torch.all(delta.abs() <= q.budget(new["image"], new["label"]) + 1e-6)
     assert float(delta.pow(2).mean()) <= 10 ** (-q.min_psnr / 10) * (1 + 1e-6)
     ckpt = tmp_path / "fit.ckpt"
-    UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0, "refine_rounds": 1}).fit(
-        samples, progress=False, checkpoint=ckpt)
-    r = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(samples, progress=False, checkpoint=ckpt)
+    one = {**FAST, "refine_tile": 4, "refine_tile_classwise": False, "distil_epochs": 0}
+    UMedProtector(**{**one, "refine_rounds": 1}).fit(samples, progress=False, checkpoint=ckpt)
+    r = UMedProtector(**one).fit(samples, progress=False, checkpoint=ckpt)
     assert torch.equal(r.refiner.pattern, ref.pattern)
 
 

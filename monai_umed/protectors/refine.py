@@ -70,6 +70,8 @@ __all__ = [
     "as_victim_grids",
     "as_work_size",
     "as_bool",
+    "as_tile",
+    "auto_tile",
     "build_refiner",
     "working_set_on",
 ]
@@ -537,6 +539,24 @@ def as_bool(value: Any) -> bool:
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
     return bool(value)
+
+
+def as_tile(value: Any) -> str | int:
+    """Parse a release stage's ``refine_tile`` parameter: ``auto`` (any case) or a tile side (0: per-case)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    tile = int(value or 0)
+    if tile < 0:
+        raise ValueError(f"refine_tile must be auto or >= 0, got {value!r}")
+    return tile
+
+
+def auto_tile(spatial_dims: int, tile: Any = "auto") -> int:
+    """The shared tile's side: ``auto`` is 4 work-grid cells in 2D (the shortcut that protects on Kvasir-SEG) and
+    0 (one perturbation per case) in 3D, where no tile size has been shown to protect; anything else as given."""
+    if tile == "auto":
+        return 4 if spatial_dims == 2 else 0
+    return int(tile)
 
 
 def as_work_size(value: Any) -> str | int | None:

@@ -42,6 +42,7 @@ from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.refine import (
     RefineSettings,
     ReleaseRefiner,
+    auto_tile,
     auto_victim_grids,
     auto_work_size,
     build_refiner,
@@ -69,7 +70,7 @@ class UMedReleaseStage:
                               stop_dice=self.refine_stop, batch_size=16 if sd == 2 else 4, work_size=size,
                               unseen_steps=self.refine_steps, reset_every=self.refine_reset,
                               energy_mode=self.refine_energy, step=self.refine_step,
-                              step_fraction=self.refine_step_fraction, shared_tile=self.refine_tile,
+                              step_fraction=self.refine_step_fraction, shared_tile=auto_tile(sd, self.refine_tile),
                               shared_classwise=self.refine_tile_classwise,
                               shared_symmetric=self.refine_tile_symmetric,
                               shared_fill=self.refine_tile_fill)
