@@ -388,3 +388,18 @@ def test_filled_tile_spends_each_case_energy_budget():
         spent["full"].append(float(a.pow(2).mean()))
         spent["faint"].append(float(b.pow(2).mean()))
     assert sum(spent["full"]) > sum(spent["faint"])  # filling spends more of the budget than the faint tile
+
+
+def test_a_key_from_before_the_tile_loads_as_per_case():
+    from monai_umed.protectors.refine_shared import SharedTileRefiner
+
+    samples = _samples()
+    p = UMedProtector(**{**FAST, "distil_epochs": 0}).fit(samples, progress=False)
+    state = p.state_dict()
+    for k in ("refine_tile", "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill"):
+        state["params"].pop(k)
+    q = UMedProtector().load_state_dict(state)  # the default would be the 2D tile
+    assert q.refine_tile == 0 and not isinstance(q.refiner, SharedTileRefiner)
+    s = samples[0]
+    assert torch.equal(q.perturbation(s["image"], s["label"], s["case_id"]),
+                       p.perturbation(s["image"], s["label"], s["case_id"]))
