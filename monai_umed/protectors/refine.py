@@ -70,6 +70,7 @@ __all__ = [
     "as_victim_grids",
     "as_work_size",
     "as_bool",
+    "stack_scalars",
     "as_tile",
     "auto_tile",
     "build_refiner",
@@ -434,7 +435,7 @@ class ReleaseRefiner:
                 d = torch.maximum(torch.minimum(d - alpha * self._direction(grad, bound), bound), -bound)
                 d = self.project_energy(d, lim, energy, self.settings.energy_mode, sync=not self._lazy)
             losses.append(loss.detach())
-        return d.detach(), _stacked(losses, d.device)
+        return d.detach(), stack_scalars(losses, d.device)
 
     def refine_case(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor, case_id: str,
                     init: torch.Tensor | None = None, steps: int | None = None,
@@ -479,7 +480,7 @@ class ReleaseRefiner:
         return self
 
 
-def _stacked(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+def stack_scalars(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """0-dim tensors as one 1-D tensor (empty: a 0-length float tensor on ``device``)."""
     return torch.stack(list(values)) if len(values) else torch.zeros(0, device=device)
 

@@ -18,7 +18,8 @@ tile of ``tile`` work-grid cells per axis, repeated over the whole work grid and
 lies on the label's footprint only), each case scaled to its energy budget. The tile is optimised by the same min-min
 through the release path: every PGD batch takes one sign step on the tile (of ``step_fraction / 10`` of the largest
 budget, since the tile sees many batches per round) against the frozen surrogate. The cases' stored perturbations are
-the tiled pattern, so writing, keys, distillation and restore are those of the per-case refiner.
+the tiled pattern, so writing, keys and restore are those of the per-case refiner; a case not seen in fit gets the
+tile itself (:meth:`SharedTileRefiner.unseen`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_umed.protectors.pgd import work_shape
-from monai_umed.protectors.refine import ReleaseRefiner, _stacked, upsample_limit
+from monai_umed.protectors.refine import ReleaseRefiner, stack_scalars, upsample_limit
 
 __all__ = ["SharedTileRefiner", "symmetrise", "tile_pattern"]
 
@@ -152,7 +153,7 @@ class SharedTileRefiner(ReleaseRefiner):
             losses.append(loss.detach())
         with torch.no_grad():
             out = self._budget(self._cases(d, y), lim, energy, sync=not lazy)
-        return out.detach(), _stacked(losses, d.device)
+        return out.detach(), stack_scalars(losses, d.device)
 
     def unseen(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor,
                energy: float | None = None) -> torch.Tensor:
