@@ -307,9 +307,7 @@ class ReleaseRefiner:
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
             if list(state["case_ids"]) != list(case_ids):
                 raise ValueError(f"{ckpt}: refinement checkpoint written for other cases")
-            self.surrogate.load_state_dict(state["surrogate"])
-            self.deltas = dict(state["deltas"])
-            self.history = list(state["history"])
+            self.load_state_dict(state)  # a subclass restores its own extra state (the shared tile) with it
             start = int(state["round"])
         for cid, x in zip(case_ids, images):
             self.deltas.setdefault(cid, torch.zeros((x.shape[0],) + work_shape(x.shape[1:], st.work_size),

@@ -25,7 +25,6 @@ tile itself (:meth:`SharedTileRefiner.unseen`).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -194,9 +193,6 @@ class SharedTileRefiner(ReleaseRefiner):
     ) -> dict[str, torch.Tensor]:
         """:meth:`ReleaseRefiner.fit`, then every case's perturbation made again from the final tile (cases visited
         early in the last round were made from an older one)."""
-        ckpt = Path(checkpoint) if checkpoint is not None else None
-        if ckpt is not None and ckpt.is_file() and self.pattern is None:
-            self.pattern = torch.load(ckpt, map_location="cpu", weights_only=False).get("pattern")
         super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies)
         if self.pattern is not None:
             for i, (y, lim, cid) in enumerate(zip(labels, limits, case_ids)):
