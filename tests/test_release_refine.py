@@ -373,6 +373,30 @@ def test_symmetric_tile_is_invariant_to_flips_and_rotations():
     assert torch.allclose(torch.rot90(p.refiner.pattern, 1, (-2, -1)), p.refiner.pattern, atol=1e-6)
 
 
+def test_scaled_tile_step_keeps_a_smooth_direction_inside_the_budget():
+    samples = _samples()
+    kw = {**FAST, "refine_tile": 4, "refine_tile_classwise": "true", "distil_epochs": 0}
+    p = UMedProtector(**{**kw, "refine_step": "scaled"}).fit(samples, progress=False)
+    ref = p.refiner
+    top = float(upsample_limit_max(p, samples))
+    for k in range(ref.pattern.shape[0]):  # each tile is a direction of fixed root mean square, inside +-top
+        t = ref.pattern[k]
+        assert float(t.abs().max()) <= top + 1e-6
+        assert float(t.pow(2).mean().sqrt()) == pytest.approx(top / 2**0.5, rel=0.2)
+        assert len(torch.unique(t.abs())) > 2  # not a saturated sign pattern
+    for s in samples:
+        d = p.perturbation(s["image"], s["label"], s["case_id"])
+        assert torch.all(d.abs() <= p.budget(s["image"], s["label"]) + 1e-6)
+        assert float(d.pow(2).mean()) <= 10 ** (-p.min_psnr / 10) * (1 + 1e-6)
+    q = UMedProtector(**FAST).load_state_dict(p.state_dict())
+    assert q.refine_step == "scaled" and torch.equal(q.refiner.pattern, ref.pattern)
+
+
+def upsample_limit_max(p, samples):
+    """The largest value of the fitted protector's full budget maps (the tile's bound)."""
+    return max(float(p.budget(s["image"], s["label"]).max()) for s in samples)
+
+
 def test_filled_tile_spends_each_case_energy_budget():
     samples = _samples()
     kw = {**FAST, "refine_tile": 4, "distil_epochs": 0}

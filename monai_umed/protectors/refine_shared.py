@@ -24,6 +24,7 @@ tile itself (:meth:`SharedTileRefiner.unseen`).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -116,6 +117,26 @@ class SharedTileRefiner(ReleaseRefiner):
         assert self.pattern is not None
         return self._spread(self.pattern.to(d.device, d.dtype), self._fractions(y, d.shape[2:], d.dtype), d)
 
+    def _step(self, t: torch.Tensor, grad: torch.Tensor, alpha: Any, top: Any) -> torch.Tensor:
+        """One descent step of the tile(s) ``t`` (K x C x tile) inside ``[-top, top]``.
+
+        ``sign`` (:attr:`RefineSettings.step`): every cell moves by ``alpha``; the tile saturates at ``+-top`` within a
+        round, a pattern with sharp cell-to-cell jumps. ``scaled``: steepest descent in the energy's own (L2)
+        geometry: the step follows the gradient normalised per tile, and each tile is then scaled back to a root mean
+        square of ``top / sqrt(2)`` (a sinusoid of amplitude ``top``), so the tile is a *direction* the per-case energy
+        budget scales. The gradient reaches the tile through the trainer's anti-aliased resize, so this step keeps
+        what a victim sees: a saturated sign tile loses more than half of its energy in that resize and in the
+        rounding of the file, a smooth one a quarter or less (docs/methods.md).
+        """
+        if self.settings.step == "sign":
+            return (t - alpha * grad.sign()).clamp(-top, top)
+        dims = tuple(range(1, t.ndim))
+        direction = grad / grad.pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-12)
+        new = t - alpha * direction
+        rms = new.pow(2).mean(dims, keepdim=True).sqrt()
+        new = torch.where(rms > 0, new * (top / math.sqrt(2.0)) / rms.clamp_min(1e-12), new)
+        return new.clamp(-top, top)
+
     def _descend(self, x, y, d, lim, g, steps, energy=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` sign steps on the shared tile (one per call of the loss), each through a fresh random view; returns
         the batch's projected perturbations made from the updated tile and the ``steps`` losses (a device tensor).
@@ -145,7 +166,7 @@ class SharedTileRefiner(ReleaseRefiner):
             loss = self.surrogate.loss(xv, yv)
             (grad,) = torch.autograd.grad(loss, t)
             with torch.no_grad():
-                new = (t - alpha * grad.sign()).clamp(-top, top).detach()
+                new = self._step(t, grad, alpha, top).detach()
                 if self.symmetric:
                     new = symmetrise(new, d.ndim - 2)
                 self.pattern = new if lazy else new.cpu()
