@@ -47,7 +47,7 @@ Args (defaults):
     epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels),
     contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions), mode
     (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
-    min_psnr (50 dB per case; None disables), mix (0), surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen
+    min_psnr (50 dB per case; None disables), mean_psnr (None), mix (0), surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen
     (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators), surrogate_lr (1e-3), batch_size (8), patch_size (None:
     96 in 2D, 48 in 3D), resize_aug (``auto``: scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a
     pair gives the range), gen_scale (None: 2), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)),
@@ -139,6 +139,13 @@ class UMedProtector(UMedReleaseStage, Protector):
         texture_window: window ``k`` of the local standard deviation.
         b_min: texture bound in the flattest ROI regions.
         texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
+        min_psnr: the lowest PSNR (dB) of any written case: a per-case budget on the perturbation's energy (None:
+            the budget maps alone bound it).
+        mean_psnr: with the release stage, the mean PSNR (dB) the written training files must reach (None: every
+            case at ``min_psnr``). The cases are fitted at ``min_psnr``, then brought down together to the lowest
+            common floor at which their mean reaches ``mean_psnr`` (:mod:`~monai_umed.protectors.psnr_budget`);
+            cases not seen in fit get that floor. ``mean_psnr=50, min_psnr=48`` spends the budget that a 50 dB
+            floor leaves to cases whose map keeps them above it.
         epochs: generator min-min passes over the training samples (``None``: 1 in 2D and 2 in 3D with the release
             stage, which distils the generators afterwards; 6 in 2D and 10 in 3D without it).
         n_gen: generator steps per batch.
@@ -219,6 +226,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         b_min: float = 0.25,
         texture_quantiles: Sequence[float] | str = (0.05, 0.95),
         min_psnr: float | None = 50.0,
+        mean_psnr: float | None = None,
         epochs: int | None = None,
         n_gen: int = 1,
         n_sur: int = 1,
@@ -283,6 +291,11 @@ class UMedProtector(UMedReleaseStage, Protector):
             raise ValueError(f"texture_quantiles must be a pair, got {texture_quantiles!r}")
         self.texture_quantiles = (float(tq[0]), float(tq[1]))
         self.min_psnr = None if min_psnr in (None, "", "none", 0) else float(min_psnr)
+        self.mean_psnr = None if mean_psnr in (None, "", "none", 0) else float(mean_psnr)
+        if self.mean_psnr is not None and (self.min_psnr is None or self.mean_psnr < self.min_psnr):
+            raise ValueError(f"mean_psnr ({self.mean_psnr}) needs a min_psnr at or below it, got {self.min_psnr}")
+        #: the per-case floor (dB) fitted for ``mean_psnr`` (None: ``min_psnr``)
+        self.psnr_floor: float | None = None
         self.n_gen, self.n_sur = int(n_gen), int(n_sur)
         if self.n_gen < 1 or self.n_sur < 0:
             raise ValueError("n_gen must be >= 1 and n_sur >= 0")
@@ -931,6 +944,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             "b_min": self.b_min,
             "texture_quantiles": list(self.texture_quantiles),
             "min_psnr": self.min_psnr,
+            "mean_psnr": self.mean_psnr,
             "n_gen": self.n_gen,
             "n_sur": self.n_sur,
             "stop_dice": self.stop_dice,
@@ -982,6 +996,7 @@ class UMedProtector(UMedReleaseStage, Protector):
                 "history": list(self.history),
                 "refine": None if self.refiner is None else self.refiner.state_dict(),
                 "distil_history": list(self.distil_history),
+                "psnr_floor": self.psnr_floor,
             })
         return state
 
@@ -996,7 +1011,8 @@ class UMedProtector(UMedReleaseStage, Protector):
             raise ValueError("UMed state holds no generators: it was saved before fitting")
         p = dict(state.get("params", {}))
         for key in ("epsilon", "epsilon_c", "epsilon_t", "contour_radius", "contour_radius_mm", "theta", "mode",
-                    "texture_window", "b_min", "min_psnr", "gen_scale", "sw_overlap"):
+                    "texture_window", "b_min", "min_psnr", "mean_psnr", "gen_scale",
+                    "sw_overlap"):
             if key in p:
                 setattr(self, key, p[key])
         if "texture_quantiles" in p:
@@ -1012,6 +1028,8 @@ class UMedProtector(UMedReleaseStage, Protector):
                 setattr(self, key, p[key])
         if "victim_grids" in p:
             self.victim_grids = as_victim_grids(p["victim_grids"])
+        if "mean_psnr" not in p:  # a state written before the mean budget existed held every case at min_psnr
+            self.mean_psnr = None
         if "refine_tile" not in p:  # a state written before the shared tile existed refined every case on its own
             self.refine_tile, self.refine_tile_classwise = 0, False
         self._levels_resolved = int(state.get("levels", 0))
@@ -1021,6 +1039,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.gen_t.load_state_dict(state["gen_t"])
         self.history = list(state.get("history", []))
         self.refiner, self.distil_history = None, list(state.get("distil_history", []))
+        floor = state.get("psnr_floor")
+        self.psnr_floor = None if floor is None else float(floor)
         if state.get("refine") is not None:
             self.refiner = self._new_refiner(self._sd(), int(state["in_channels"]), int(state["num_classes"]))
             self.refiner.load_state_dict(state["refine"])

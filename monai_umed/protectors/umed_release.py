@@ -16,7 +16,8 @@ resizing, augmentation; docs/methods.md). After the generators are fitted, this 
 
 1. refines one perturbation per training case by error-minimising min-min *through* the release path
    (:class:`~monai_umed.protectors.refine.ReleaseRefiner`), inside the case's full UMed budget map (``eps_c`` on the
-   contour band, ``eps_t * B`` in the ROI) and under a per-case energy budget from ``min_psnr``;
+   contour band, ``eps_t * B`` in the ROI) and under a per-case energy budget from ``min_psnr`` (with
+   ``mean_psnr``, then brought down to the lowest common floor at which the files' mean PSNR reaches it);
 2. distils the generators from the refined perturbations (``distil_epochs`` of regression on training patches), so
    that a case not seen in ``fit`` gets a perturbation of the same kind in one forward pass (scaled up to the case's
    energy budget, since regression shrinks it), optionally refined for ``refine_steps`` PGD steps against the stage's
@@ -50,6 +51,7 @@ from monai_umed.protectors.refine import (
     psnr_energy,
 )
 from monai_umed.protectors.refine_shared import SharedTileRefiner
+from monai_umed.protectors.psnr_budget import floor_for_mean, written_psnr
 from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["UMedReleaseStage"]
@@ -86,8 +88,23 @@ class UMedReleaseStage:
                              seed=self.seed, tag="umed-refine", levels=self._levels_resolved or None)
 
     def _energy(self) -> float | None:
-        """The largest mean squared perturbation of a case (``min_psnr``), normalised units."""
-        return psnr_energy(self.min_psnr)
+        """The largest mean squared perturbation of a case (the fitted floor for ``mean_psnr``, else ``min_psnr``),
+        normalised units."""
+        return psnr_energy(self.min_psnr if self.psnr_floor is None else self.psnr_floor)
+
+    def _spend_mean_budget(self, images: Sequence[torch.Tensor], limits: Sequence[torch.Tensor],
+                           ids: Sequence[str]) -> None:
+        """Choose the per-case floor for ``mean_psnr``: the lowest at which the written files' mean PSNR reaches it
+        (:func:`~monai_umed.protectors.psnr_budget.floor_for_mean`), from each refined case's PSNR as written at
+        ``min_psnr``. The refined perturbations are kept as fitted: writing caps each one at the floor on the file
+        itself (:meth:`_cap_energy`, after rounding), so a case lands at the floor or keeps its PSNR if its map holds
+        it above; the floor is kept for unseen cases too."""
+        assert self.refiner is not None and self.min_psnr is not None and self.mean_psnr is not None
+        lowest = psnr_energy(self.min_psnr)
+        levels = self._levels_resolved or None
+        psnrs = [written_psnr(x, ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0],
+                              lowest, levels) for x, lim, cid in zip(images, limits, ids)]
+        self.psnr_floor = floor_for_mean(psnrs, self.min_psnr, self.mean_psnr)
 
     # -- fitting ----------------------------------------------------------------------------------------------------
     def _refine(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]], channels: int,
@@ -95,7 +112,7 @@ class UMedReleaseStage:
                 progress: bool) -> None:
         """Refine every training case (``refine_rounds``), then distil the generators (``distil_epochs``)."""
         sd = self._sd()
-        self.refiner, self.distil_history = None, []
+        self.refiner, self.distil_history, self.psnr_floor = None, [], None
         if self._refine_settings(sd).rounds <= 0:
             return
         images, labels, limits, ids = [], [], [], []
@@ -115,6 +132,9 @@ class UMedReleaseStage:
         energy = self._energy()
         self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log,
                          energies=None if energy is None else [energy] * len(ids))
+        if self.mean_psnr is not None:
+            self._spend_mean_budget(images, limits, ids)
+            energy = self._energy()
         if self.distil_epochs > 0 and not isinstance(self.refiner, SharedTileRefiner):  # a tile needs no generator
             targets = []
             for x, lim, cid in zip(images, limits, ids):
