@@ -36,6 +36,10 @@ split on the victim's grid (``OUT/dataset_grid``, :func:`~monai_umed.evaluation.
 with each method's protector fitted on it (``OUT/protected_METHOD_grid``), as the published code does. Every row states its protocol and the victims' final training losses (an unlearnable copy
 shows the protected victim's loss below the clean one's while its test Dice stays low).
 
+``--victim-seeds 0,1,2`` judges every copy with one victim per seed (the protector is fitted once, with
+``--seed``) and adds a ``mean`` row per method: on Kvasir-SEG one protected copy left victims of seeds 0, 1 and 2
+at 15.3, 5.6 and 1.4 % Dice, so a single victim says little about a copy near the target.
+
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
 training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
 complete. Rerunning with the same ``--out`` reuses protected copies made with the same settings and cached victims.
@@ -50,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 # runnable as a script from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -167,18 +173,55 @@ def _rows(method: str, protocol: str, is_clean: bool, epsilon: float, rep: dict[
     return out
 
 
+def victim_seed_list(text: str | None, seed: int) -> list[int]:
+    """``--victim-seeds`` as distinct integers in the given order (default: the run's ``seed``)."""
+    if text is None:
+        return [int(seed)]
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--victim-seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"--victim-seeds needs distinct seeds, got {text!r}")
+    return seeds
+
+
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``mean`` row per defence over the victim seeds of ``rows`` (one method under one protocol): the mean
+    Dice of the clean and the protected victims, their standard deviations over the seeds, the mean final losses."""
+    out = []
+    for defence in dict.fromkeys(r["defence"] for r in rows):
+        group = [r for r in rows if r["defence"] == defence]
+        mean = {**group[0], "victim_seed": "mean", "victim_cached": False, "per_seed": [r["victim_seed"] for r in group]}
+        for key in ("dice_clean", "dice_protected", "loss_end_clean", "loss_end_protected", "victim_seconds"):
+            vals = [r[key] for r in group if r[key] is not None]
+            mean[key] = float(np.mean(vals)) if vals else None
+            if key.startswith("dice"):
+                mean[f"{key}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        for key in ("dice_per_class_clean", "dice_per_class_protected", "loss_clean", "loss_protected",
+                    "epoch_seconds"):
+            mean[key] = None
+        out.append(mean)
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    headers = ["method", "protocol", "defence", "epsilon x255", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
+    def dice(r: dict[str, Any], key: str) -> str:
+        sd = r.get(f"{key}_sd")
+        return fmt(r[key], 2, pct=True) + ("" if sd is None else f" +- {sd * 100:.2f}")
+
+    headers = ["method", "protocol", "defence", "victim seed", "epsilon x255", "PSNR (dB)", "PSNR ROI (dB)", "SSIM", "max abs delta (native)",
                "max abs delta / R (x255)", "Dice clean victim (%)",
                "Dice protected victim (%)", "final loss clean", "final loss protected", "protect (s)", "victim (s)"]
     body = []
     for r in rows:
         body.append([
-            r["method"], r["protocol"], r["defence"], "-" if r["epsilon"] is None else f"{r['epsilon'] * 255:.3g}",
+            r["method"], r["protocol"], r["defence"], str(r.get("victim_seed", "-")),
+            "-" if r["epsilon"] is None else f"{r['epsilon'] * 255:.3g}",
             fmt(r["psnr"]), fmt(r["psnr_roi"]), fmt(r["ssim"], 4),
             fmt(r["max_abs_delta"], 1),
             fmt(None if r["max_abs_delta_rel"] is None else r["max_abs_delta_rel"] * 255, 2),
-            fmt(r["dice_clean"], 2, pct=True), fmt(r["dice_protected"], 2, pct=True),
+            dice(r, "dice_clean"), dice(r, "dice_protected"),
             fmt(r["loss_end_clean"], 4), fmt(r["loss_end_protected"], 4),
             fmt(r["protect_seconds"], 0), fmt(r["victim_seconds"], 0) + (" (cached)" if r["victim_cached"] else ""),
         ])
@@ -204,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", default="release",
                         help="comma-separated judging protocols, each row under each: release (default), paper")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--victim-seeds", default=None,
+                        help="comma-separated victim seeds, one victim each and a mean row (default: --seed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", default="auto", help="torch CPU threads for the victims (default: idle cores)")
     parser.add_argument("--cache-dir", default=None, help="trained-victim cache (default ~/.cache/monai-umed/victims)")
@@ -251,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
         image_size = [128]
     image_size = None if image_size is None else (image_size[0] if len(image_size) == 1 else image_size)
     threads = args.threads if args.threads == "auto" else int(args.threads)
+    victim_seeds = victim_seed_list(args.victim_seeds, args.seed)
     rows, reports = [], {}
     for method in methods:
         t0 = time.perf_counter()
@@ -265,25 +311,35 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 psum = protect(data, args.out, label, base[method], args, params[method], epsilons[method])
                 protected = Path(psum["output"])
-            print(f"[efficacy] {method}: evaluating ({args.victim}, {protocol} protocol)", file=sys.stderr, flush=True)
-            name = f"eval_{method}.json" if protocol == "release" else f"eval_{method}_{protocol}.json"
-            rep = evaluate(data, protected, victim=args.victim, defences=args.defence or ["none"],
-                           epochs=args.epochs, seed=args.seed, image_size=image_size, device=args.device,
-                           cache_dir=args.cache_dir, epsilon=epsilons[method], threads=threads, report=args.out / name,
-                           progress=not args.quiet, protocol=protocol,
-                           key=None if is_clean else args.out / f"protected_{label}.umedkey")
-            reports[f"{method}/{protocol}"] = str(args.out / name)
-            rows += _rows(method, protocol, is_clean, epsilons[method], rep, psum, t0)
-            first_rep = rep
-            print(f"[efficacy] {method} ({protocol}): Dice clean victim {fmt(rows[-1]['dice_clean'], 2, True)} %, "
-                  f"protected victim {fmt(rows[-1]['dice_protected'], 2, True)} %", file=sys.stderr, flush=True)
+            judged = []
+            for vseed in victim_seeds:
+                print(f"[efficacy] {method}: evaluating ({args.victim}, {protocol} protocol, victim seed {vseed})",
+                      file=sys.stderr, flush=True)
+                name = f"eval_{method}.json" if protocol == "release" else f"eval_{method}_{protocol}.json"
+                if vseed != victim_seeds[0]:
+                    name = name.replace(".json", f"_seed{vseed}.json")
+                rep = evaluate(data, protected, victim=args.victim, defences=args.defence or ["none"],
+                               epochs=args.epochs, seed=vseed, image_size=image_size, device=args.device,
+                               cache_dir=args.cache_dir, epsilon=epsilons[method], threads=threads,
+                               report=args.out / name, progress=not args.quiet, protocol=protocol,
+                               key=None if is_clean else args.out / f"protected_{label}.umedkey")
+                reports[f"{method}/{protocol}" + ("" if vseed == victim_seeds[0] else f"/seed{vseed}")] = str(
+                    args.out / name)
+                judged += [{**r, "victim_seed": vseed} for r in _rows(method, protocol, is_clean, epsilons[method],
+                                                                      rep, psum, t0)]
+                first_rep = rep
+                print(f"[efficacy] {method} ({protocol}, victim seed {vseed}): Dice clean victim "
+                      f"{fmt(judged[-1]['dice_clean'], 2, True)} %, protected victim "
+                      f"{fmt(judged[-1]['dice_protected'], 2, True)} %", file=sys.stderr, flush=True)
+            rows += judged + (seed_means(judged) if len(victim_seeds) > 1 else [])
     cfg = first_rep["config"]
     dtypes = next((r["clean_dtypes"] for r in rows if r["clean_dtypes"]), None)
     header = (
         f"Efficacy on `{args.dataset}` ({first_rep['datasets']['train_cases']} training cases"
         f"{' (first ' + str(args.max_train) + ')' if args.max_train else ''}, "
         f"{first_rep['datasets']['test_cases']} clean test cases); victim {args.victim} {cfg['victim_params']}, "
-        f"{first_rep['epochs']} epochs, seed {args.seed}, image size {first_rep['image_size'] or 'native'}, "
+        f"{first_rep['epochs']} epochs, seed {args.seed} (victim seeds {', '.join(map(str, victim_seeds))}), "
+        f"image size {first_rep['image_size'] or 'native'}, "
         f"patch {cfg['patch_size']}, batch {cfg['batch_size']} x {cfg['num_samples']}, lr {cfg['lr']}, "
         f"intensity {cfg['intensity']}, device {cfg['device']}, {cfg['threads']} thread(s); "
         f"epsilon {args.epsilon:.5g} ({args.epsilon * 255:.3g}/255) unless a row gives its own"
@@ -295,7 +351,8 @@ def _run(args: argparse.Namespace) -> int:
     text = header + "\n\n" + table(rows) + "\n"
     print(text)
     out_json = {"dataset": str(args.dataset), "methods": methods, "protocols": protocols, "row_methods": base, "epsilon": args.epsilon,
-                "seed": args.seed, "victim": args.victim, "epochs": first_rep["epochs"], "max_train": args.max_train,
+                "seed": args.seed, "victim_seeds": victim_seeds, "victim": args.victim, "epochs": first_rep["epochs"],
+                "max_train": args.max_train,
                 "image_size": first_rep["image_size"], "config": cfg, "versions": first_rep["versions"],
                 "rows": rows, "reports": reports, "params": params}
     write_json(out_json, args.out / "efficacy.json")

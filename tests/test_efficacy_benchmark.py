@@ -52,7 +52,7 @@ def test_labelled_rows_and_table(tmp_path, capsys):
     # a row's own budget reaches protect_dataset (not the protector's parameters) and the table
     settings = json.loads((out / "protected_noise-2.json").read_text())["settings"]
     assert settings["params"] == {} and settings["epsilon"] == pytest.approx(2 / 255)
-    assert "| noise-2 | release | none | 2 |" in text and "| noise | release | none | 8 |" in text
+    assert "| noise-2 | release | none | 0 | 2 |" in text and "| noise | release | none | 0 | 8 |" in text
     rows = {r["method"]: r for r in rec["rows"]}
     # the ROI-only row leaves the background untouched, so it is closer to the clean images than whole-image noise
     assert rows["noise-roi"]["psnr"] > rows["noise"]["psnr"]
@@ -87,6 +87,29 @@ def test_paper_and_release_rows(tmp_path, capsys):
     assert (out / "dataset_grid" / grid["test"][0]["image"]).resolve() == (data / grid["test"][0]["image"]).resolve()
 
 
+def test_victim_seeds_give_one_row_each_and_a_mean(tmp_path, capsys):
+    data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=32, ext=".png")
+    out = tmp_path / "out"
+    args = [str(data), "--methods", "noise", "--victim-seeds", "0,3", "--epochs", "1", "--image-size", "32",
+            "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert _efficacy().main(args) == 0
+    text = capsys.readouterr().out
+    assert "| noise | release | none | 0 |" in text and "| noise | release | none | 3 |" in text
+    assert "| noise | release | none | mean |" in text and "victim seeds 0, 3" in text
+    rec = json.loads((out / "efficacy.json").read_text())
+    assert rec["victim_seeds"] == [0, 3]
+    rows = {r["victim_seed"]: r for r in rec["rows"]}
+    assert set(rows) == {0, 3, "mean"}
+    assert rows[0]["dice_protected"] != rows[3]["dice_protected"]  # two victims, not one reported twice
+    for key in ("dice_clean", "dice_protected"):
+        assert rows["mean"][key] == pytest.approx((rows[0][key] + rows[3][key]) / 2)
+        assert rows["mean"][f"{key}_sd"] == pytest.approx(float(np.std([rows[0][key], rows[3][key]], ddof=1)))
+    # one protected copy, one report per victim seed
+    assert json.loads((out / "eval_noise_seed3.json").read_text())["seed"] == 3
+    assert json.loads((out / "eval_noise.json").read_text())["seed"] == 0
+    assert rec["reports"]["noise/release/seed3"].endswith("eval_noise_seed3.json")
+
+
 def test_victim_grid_dataset_resizes_like_the_victim(tmp_path):
     from monai.transforms import Resize
 
@@ -111,7 +134,8 @@ def test_victim_grid_dataset_resizes_like_the_victim(tmp_path):
 @pytest.mark.parametrize("methods, extra", [("clean,nonexistent", []), ("a=noise,a=noise", []),
                                            ("x=nonexistent", []), ("noise", ["--param", "noise.epsilon=abc"]),
                                            ("noise", ["--param", "noise.epsilon=3"]),
-                                           ("noise", ["--protocol", "paper,bogus"])])
+                                           ("noise", ["--protocol", "paper,bogus"]),
+                                           ("noise", ["--victim-seeds", "0,0"]), ("noise", ["--victim-seeds", "a"])])
 def test_bad_methods(tmp_path, methods, extra, capsys):
     data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
     assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o"), *extra]) == 2
