@@ -12,12 +12,13 @@
 """A dataset's PSNR budget: a per-case floor chosen so that the written files reach a mean PSNR.
 
 Imperceptibility is usually stated as the mean PSNR over a dataset's files, with a lower bound for any single case
-(issue 13: mean >= 50 dB, every case >= 48 dB). A per-case floor of 50 dB leaves that mean budget unspent: a case
-with a small label cannot use its 50 dB of energy (its budget map bounds it first, at 52-60 dB on Kvasir-SEG), so
-the mean lands above 51 dB while the cases with large labels, whose perturbation is spread thinnest, sit at the
-floor. Here every case is first made at the lowest floor ``min_psnr`` (as much energy as any case may get), then all
-are brought down together to one floor ``f``: the lowest for which the mean over the files is at least the target.
-A case whose map already keeps it above ``f`` keeps its perturbation; the others are scaled down to ``f``.
+(for example a mean of at least 50 dB with no case below 48 dB). A per-case floor of 50 dB leaves that mean budget
+unspent: a case with a small label cannot use its 50 dB of energy (its budget map bounds it first, at 52-60 dB on
+Kvasir-SEG), so the mean lands above 51 dB while the cases with large labels, whose perturbation is spread thinnest,
+sit at the floor. Here every case is first made at the lowest floor ``min_psnr`` (as much energy as any case may
+get), then all are brought down together to one floor ``f``: the lowest for which the mean over the files is at
+least the target. A case whose map already keeps it above ``f`` keeps its perturbation; the others are scaled down
+to ``f``.
 """
 
 from __future__ import annotations

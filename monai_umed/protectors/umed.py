@@ -47,12 +47,13 @@ Args (defaults):
     epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels),
     contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions), mode
     (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
-    min_psnr (50 dB per case; None disables), mean_psnr (None), mix (0), surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen
-    (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators), surrogate_lr (1e-3), batch_size (8), patch_size (None:
-    96 in 2D, 48 in 3D), resize_aug (``auto``: scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a
-    pair gives the range), gen_scale (None: 2), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)),
-    quantise_levels (``auto``: 255 for 8-bit data, else none), sw_roi_size (None: twice the training patch at
-    generator resolution), sw_overlap (0.25), infer_batch_size (8), spatial_dims, seed (0), device (``auto``).
+    min_psnr (50 dB per case; None disables), mean_psnr (None), mix (0), surrogate_reset (0), epochs (None: 6 in 2D,
+    10 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators), surrogate_lr (1e-3), batch_size (8),
+    patch_size (None: 96 in 2D, 48 in 3D), resize_aug (``auto``: scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False``
+    disables it; a pair gives the range), gen_scale (None: 2), channels ((16, 32, 64)), surrogate_channels ((16, 32,
+    64, 128)), quantise_levels (``auto``: 255 for 8-bit data, else none), sw_roi_size (None: twice the training
+    patch at generator resolution), sw_overlap (0.25), infer_batch_size (8), spatial_dims, seed (0), device
+    (``auto``).
 
 Shapes: ``image`` ``(C, H, W[, D])`` float in ``[0, 1]``; ``label`` ``(1, H, W[, D])`` int; ``delta`` like ``image``.
 
