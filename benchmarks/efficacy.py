@@ -37,8 +37,8 @@ with each method's protector fitted on it (``OUT/protected_METHOD_grid``), as th
 shows the protected victim's loss below the clean one's while its test Dice stays low).
 
 ``--victim-seeds 0,1,2`` judges every copy with one victim per seed (the protector is fitted once, with
-``--seed``) and adds a ``mean`` row per method: on Kvasir-SEG one protected copy left victims of seeds 0 to 3 at
-15.3, 5.6, 1.4 and 26.7 % Dice, so a single victim says little about a copy near the target.
+``--seed``) and adds a ``mean`` row per method: on Kvasir-SEG one protected copy left victims of seeds 0 to 4 at
+15.3, 5.6, 1.4, 26.7 and 19.9 % Dice, so a single victim says little about a copy near the target.
 
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
 training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
