@@ -28,7 +28,8 @@ from typing import Sequence
 
 import torch
 
-from monai_umed.protectors.refine import cap_energy, psnr_energy
+from monai_umed.protectors.refine import cap_energy
+from monai_umed.protectors.release import psnr
 
 __all__ = ["floor_for_mean", "written_psnr"]
 
@@ -36,8 +37,7 @@ __all__ = ["floor_for_mean", "written_psnr"]
 def written_psnr(x: torch.Tensor, delta: torch.Tensor, energy: float | None, levels: int | None) -> float:
     """The PSNR (dB, peak 1) of a case's perturbation as it will be written (:func:`~monai_umed.protectors.refine.
     cap_energy`: clipped, rounded to ``levels`` grey levels and capped at ``energy``); ``inf`` when nothing changes."""
-    mse = float(cap_energy(x, delta, energy, levels).double().pow(2).mean())
-    return math.inf if mse <= 0 else -10.0 * math.log10(mse)
+    return float(psnr(cap_energy(x, delta, energy, levels)[None])[0])
 
 
 def floor_for_mean(psnrs: Sequence[float], lowest: float, mean: float, margin: float = 0.01) -> float:
