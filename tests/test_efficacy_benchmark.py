@@ -156,3 +156,40 @@ def test_unseen_benchmark_reports_seen_and_unseen_cases(tmp_path, capsys):
     assert "| umed | 4 | 2 |" in text
     assert (tmp_path / "out" / "protected.umedkey").is_file()
     assert mod.main([str(data), "--fit-cases", "4", "--out", str(tmp_path / "o2")]) == 2  # no unseen case left
+
+
+def _tile_maps():
+    spec = importlib.util.spec_from_file_location("tile_maps_bench", ROOT / "benchmarks" / "tile_maps.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tile_maps_rewrites_a_fitted_tile_on_other_maps(tmp_path, capsys):
+    """The screen writes every training case again from the key's fitted tile laid on the new maps; the new copy has
+    its own key that restores the clean files exactly, and the fitted tile is unchanged."""
+    from monai_umed.bundle import load_protector
+    from monai_umed.key import restore_dataset
+    from monai_umed.pipeline import protect_dataset
+
+    data = _write_2d(tmp_path / "data", n_train=4, n_test=1, size=32, ext=".png")
+    params = dict(epochs=1, batch_size=4, refine_rounds=1, refine_pgd=1, victim_grids=[16], refine_size=16,
+                  refine_tile=4, distil_epochs=0)
+    protect_dataset(data, tmp_path / "fitted", method="umed", params=params, split="training",
+                    key=tmp_path / "fitted.umedkey", seed=0, device="cpu")
+    tm = _tile_maps()
+    out = tmp_path / "flat"
+    assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(out), "--param", "b_min=1",
+                    "--param", "texture_quantiles=0,1"]) == 0
+    assert "4 cases written" in capsys.readouterr().out
+    before, after = load_protector(tmp_path / "fitted.umedkey"), load_protector(out / "protected.umedkey")
+    assert torch.equal(before.refiner.pattern, after.refiner.pattern)
+    assert after.b_min == 1.0 and after.texture_quantiles == (0.0, 1.0) and not after.refiner.deltas
+    restore_dataset(out / "protected", out / "protected.umedkey", out / "restored")
+    meta = json.loads((data / "dataset.json").read_text())
+    for e in meta["training"]:
+        name = Path(e["image"]).name
+        clean = np.asarray(Image.open(data / e["image"]))
+        assert np.array_equal(np.asarray(Image.open(next((out / "restored").rglob(name)))), clean)
+    assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(tmp_path / "bad"), "--param", "lr=1"]) == 2
+    assert "changes only" in capsys.readouterr().err

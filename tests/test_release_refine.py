@@ -427,3 +427,36 @@ def test_a_key_from_before_the_tile_loads_as_per_case():
     s = samples[0]
     assert torch.equal(q.perturbation(s["image"], s["label"], s["case_id"]),
                        p.perturbation(s["image"], s["label"], s["case_id"]))
+
+
+def test_texture_bound_follows_the_shared_tile():
+    """``b_min`` and ``texture_quantiles`` ``auto``: 0 and (0.25, 0.95) with the 2D shared tile (the flattest quarter
+    of the ROI gets no budget), METHODS.md's 0.25 and (0.05, 0.95) per case and in 3D; numbers are taken as given,
+    and a key from before ``auto`` keeps what it recorded."""
+    from monai_umed.protectors.refine import auto_texture_bound
+
+    assert auto_texture_bound("auto", "auto", 4) == (0.0, (0.25, 0.95))
+    assert auto_texture_bound("auto", "auto", 0) == (0.25, (0.05, 0.95))
+    assert auto_texture_bound(0.5, "0,1", 4) == (0.5, (0.0, 1.0))
+    for bad in (dict(b_min=1.5), dict(b_min=-0.1), dict(texture_quantiles=(0.9, 0.1)), dict(texture_quantiles="0.1")):
+        with pytest.raises(ValueError, match="b_min|texture_quantiles"):
+            UMedProtector(**bad)
+    s = _samples(n=1)[0]
+    roi = (s["label"] > 0).expand_as(s["image"])
+    common = dict(mode="texture", min_psnr=None, spatial_dims=2)
+    tile = UMedProtector(**common).budget(s["image"], s["label"])
+    per_case = UMedProtector(**common, refine_tile=0).budget(s["image"], s["label"])
+    given = UMedProtector(**common, b_min=0.25, texture_quantiles=(0.05, 0.95)).budget(s["image"], s["label"])
+    assert torch.equal(per_case, given)
+    assert bool((per_case[roi] > 0).all()) and bool((tile[~roi] == 0).all())
+    assert float((tile[roi] == 0).float().mean()) >= 0.2  # the flattest quarter of the ROI, channel by channel
+    assert UMedProtector(spatial_dims=3)._texture_bound() == (0.25, (0.05, 0.95))
+
+    p = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(_samples(n=4), progress=False)
+    assert p.params()["b_min"] == "auto" and p.params()["texture_quantiles"] == "auto"
+    assert p._texture_bound() == (0.0, (0.25, 0.95))
+    q = UMedProtector().load_state_dict(p.state_dict())
+    assert q.b_min == "auto" and q.texture_quantiles == "auto"
+    state = p.state_dict()
+    state["params"].update(b_min=0.25, texture_quantiles=[0.05, 0.95])  # what every key before ``auto`` holds
+    assert UMedProtector().load_state_dict(state)._texture_bound() == (0.25, (0.05, 0.95))

@@ -44,16 +44,16 @@ After fitting, protection is one forward pass of the two generators per case, ba
 ``sw_roi_size``.
 
 Args (defaults):
-    epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels),
-    contour_radius_mm (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions), mode
-    (``both`` | ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)),
-    min_psnr (50 dB per case; None disables), mean_psnr (None), mix (0), surrogate_reset (0), epochs (None: 6 in 2D,
-    10 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3, generators), surrogate_lr (1e-3), batch_size (8),
-    patch_size (None: 96 in 2D, 48 in 3D), resize_aug (``auto``: scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False``
-    disables it; a pair gives the range), gen_scale (None: 2), channels ((16, 32, 64)), surrogate_channels ((16, 32,
-    64, 128)), quantise_levels (``auto``: 255 for 8-bit data, else none), sw_roi_size (None: twice the training
-    patch at generator resolution), sw_overlap (0.25), infer_batch_size (8), spatial_dims, seed (0), device
-    (``auto``).
+    epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels), contour_radius_mm
+    (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions), mode (``both`` |
+    ``contour`` | ``texture``), texture_window (5), b_min and texture_quantiles (``auto``: 0 and (0.25, 0.95) with a
+    shared tile, else 0.25 and (0.05, 0.95)), min_psnr (50 dB per case; None disables), mean_psnr (None), mix (0),
+    surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3,
+    generators), surrogate_lr (1e-3), batch_size (8), patch_size (None: 96 in 2D, 48 in 3D), resize_aug (``auto``:
+    scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range), gen_scale (None: 2),
+    channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)), quantise_levels (``auto``: 255 for 8-bit data, else
+    none), sw_roi_size (None: twice the training patch at generator resolution), sw_overlap (0.25), infer_batch_size
+    (8), spatial_dims, seed (0), device (``auto``).
 
 Shapes: ``image`` ``(C, H, W[, D])`` float in ``[0, 1]``; ``label`` ``(1, H, W[, D])`` int; ``delta`` like ``image``.
 
@@ -83,9 +83,12 @@ from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import (
     ReleaseRefiner,
     as_bool,
+    as_texture_quantiles,
     as_tile,
     as_victim_grids,
     as_work_size,
+    auto_texture_bound,
+    auto_tile,
     floor_to_levels,
     grey_levels,
     psnr_energy,
@@ -138,8 +141,10 @@ class UMedProtector(UMedReleaseStage, Protector):
         theta: CDC ``theta`` of the contour generator (0: plain convolutions, the ablation).
         mode: ``both`` (UMed), ``contour`` (``G_c`` only) or ``texture`` (``G_t`` only).
         texture_window: window ``k`` of the local standard deviation.
-        b_min: texture bound in the flattest ROI regions.
-        texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
+        b_min: texture bound in the flattest ROI regions (``auto``: 0 when the release stage refines a shared tile, the
+            2D default, else 0.25; :func:`~monai_umed.protectors.refine.auto_texture_bound`).
+        texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1 (``auto``: ``(0.25, 0.95)`` with a
+            shared tile, else ``(0.05, 0.95)``).
         min_psnr: the lowest PSNR (dB) of any written case: a per-case budget on the perturbation's energy (None:
             the budget maps alone bound it).
         mean_psnr: with the release stage, the mean PSNR (dB) the written training files must reach (None: every
@@ -224,8 +229,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         theta: float = 0.7,
         mode: str = "both",
         texture_window: int = 5,
-        b_min: float = 0.25,
-        texture_quantiles: Sequence[float] | str = (0.05, 0.95),
+        b_min: float | str = "auto",
+        texture_quantiles: Sequence[float] | str = "auto",
         min_psnr: float | None = 50.0,
         mean_psnr: float | None = None,
         epochs: int | None = None,
@@ -285,12 +290,10 @@ class UMedProtector(UMedReleaseStage, Protector):
         if not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta must lie in [0, 1], got {theta}")
         self.texture_window = int(texture_window)
-        self.b_min = float(b_min)
-        tq = _as_float_pair(texture_quantiles, "texture_quantiles") if not isinstance(texture_quantiles, str) else (
-            tuple(float(v) for v in texture_quantiles.split(",")))
-        if tq is None or len(tq) != 2:
-            raise ValueError(f"texture_quantiles must be a pair, got {texture_quantiles!r}")
-        self.texture_quantiles = (float(tq[0]), float(tq[1]))
+        # ``auto`` is resolved once the spatial dims (hence whether the release stage uses a shared tile) are known
+        b = auto_texture_bound(b_min, texture_quantiles, 0)[0]  # validates both
+        self.b_min: float | str = "auto" if b_min == "auto" else b
+        self.texture_quantiles: tuple[float, float] | str = as_texture_quantiles(texture_quantiles)
         self.min_psnr = None if min_psnr in (None, "", "none", 0) else float(min_psnr)
         self.mean_psnr = None if mean_psnr in (None, "", "none", 0) else float(mean_psnr)
         if self.mean_psnr is not None and (self.min_psnr is None or self.mean_psnr < self.min_psnr):
@@ -366,6 +369,11 @@ class UMedProtector(UMedReleaseStage, Protector):
             raise RuntimeError("spatial_dims is not known yet: fit the protector or pass spatial_dims")
         return int(self.spatial_dims)
 
+    def _texture_bound(self) -> tuple[float, tuple[float, float]]:
+        """The resolved ``(b_min, texture_quantiles)`` (:func:`~monai_umed.protectors.refine.auto_texture_bound`)."""
+        tile = auto_tile(self._sd(), self.refine_tile) if self.refine_rounds != 0 else 0
+        return auto_texture_bound(self.b_min, self.texture_quantiles, tile)
+
     def _epochs(self) -> int:
         if self.epochs is not None:
             return int(self.epochs)
@@ -429,7 +437,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         if self.mode == "contour" or stats is None:
             a_t = torch.zeros_like(img)
         else:  # the bound is not needed afterwards: a_t takes its memory
-            a_t = texture_bound(img, lab, self.texture_window, self.b_min, stats=stats).mul_(self.epsilon_t)
+            b_min = self._texture_bound()[0]
+            a_t = texture_bound(img, lab, self.texture_window, b_min, stats=stats).mul_(self.epsilon_t)
         if self.mode == "texture":
             return torch.zeros_like(img), a_t, a_t.clone()
         mc_f = m_c.to(torch.float32).expand_as(img)
@@ -449,7 +458,7 @@ class UMedProtector(UMedReleaseStage, Protector):
                        m_roi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The texture-energy levels of :func:`texture_stats` (None when the texture map is not used)."""
         if self.mode != "contour" and bool(m_roi.any()):
-            return texture_stats(img, lab, self.texture_window, self.texture_quantiles)
+            return texture_stats(img, lab, self.texture_window, self._texture_bound()[1])
         return None
 
     def _energy_scale(self, limit: torch.Tensor) -> float:
@@ -943,7 +952,8 @@ class UMedProtector(UMedReleaseStage, Protector):
             "mode": self.mode,
             "texture_window": self.texture_window,
             "b_min": self.b_min,
-            "texture_quantiles": list(self.texture_quantiles),
+            "texture_quantiles": self.texture_quantiles if self.texture_quantiles == "auto" else list(
+                self.texture_quantiles),
             "min_psnr": self.min_psnr,
             "mean_psnr": self.mean_psnr,
             "n_gen": self.n_gen,
@@ -1017,7 +1027,7 @@ class UMedProtector(UMedReleaseStage, Protector):
             if key in p:
                 setattr(self, key, p[key])
         if "texture_quantiles" in p:
-            self.texture_quantiles = tuple(float(v) for v in p["texture_quantiles"])
+            self.texture_quantiles = as_texture_quantiles(p["texture_quantiles"])
         for key in ("channels", "surrogate_channels", "patch_size", "sw_roi_size"):
             if key in p:
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
