@@ -27,11 +27,16 @@ from monai_umed.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _efficacy():
-    spec = importlib.util.spec_from_file_location("efficacy_bench", ROOT / "benchmarks" / "efficacy.py")
+def _bench(name: str = "efficacy"):
+    """A script of ``benchmarks/`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _efficacy():
+    return _bench("efficacy")
 
 
 def test_labelled_rows_and_table(tmp_path, capsys):
@@ -158,13 +163,6 @@ def test_unseen_benchmark_reports_seen_and_unseen_cases(tmp_path, capsys):
     assert mod.main([str(data), "--fit-cases", "4", "--out", str(tmp_path / "o2")]) == 2  # no unseen case left
 
 
-def _tile_maps():
-    spec = importlib.util.spec_from_file_location("tile_maps_bench", ROOT / "benchmarks" / "tile_maps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_tile_maps_rewrites_a_fitted_tile_on_other_maps(tmp_path, capsys):
     """The screen writes every training case again from the key's fitted tile laid on the new maps; the new copy has
     its own key that restores the clean files exactly, and the fitted tile is unchanged."""
@@ -177,7 +175,7 @@ def test_tile_maps_rewrites_a_fitted_tile_on_other_maps(tmp_path, capsys):
                   refine_tile=4, distil_epochs=0)
     protect_dataset(data, tmp_path / "fitted", method="umed", params=params, split="training",
                     key=tmp_path / "fitted.umedkey", seed=0, device="cpu")
-    tm = _tile_maps()
+    tm = _bench("tile_maps")
     out = tmp_path / "flat"
     assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(out), "--param", "b_min=1",
                     "--param", "texture_quantiles=0,1"]) == 0
