@@ -19,11 +19,12 @@ training case gets the tile through the unseen-case path (tile x the case's new 
 and writes a new protected copy with its own key. Judge it with ``monai-umed evaluate``::
 
     python benchmarks/tile_maps.py /tmp/eff/protected_umed.umedkey ../shared/data/kvasir_seg /tmp/tile_b0 \
-        --param b_min=0 --param texture_quantiles=0.25,0.95
+        --param tile_bound=0,0.25,0.95
     monai-umed evaluate ../shared/data/kvasir_seg /tmp/tile_b0/protected --image-size 128 --epochs 10 --seed 3
 
-A screen, not the product: the product fits the tile with its own maps (``monai-umed protect --param ...``), and a
-claim comes from such a fit (docs/methods.md, fifth session).
+Changing ``b_min`` or ``texture_quantiles`` of a key that writes on its fitting bound (``tile_bound=fit``, every
+key from before ``tile_bound``) moves the written map too. This is how ``tile_bound``'s default was found
+(docs/methods.md, fifth session); a fit with ``--param tile_bound=...`` writes the same way from the start.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from monai_umed.protectors.refine_shared import SharedTileRefiner  # noqa: E402
 from monai_umed.protectors.umed import UMedProtector  # noqa: E402
 
 #: the map and budget parameters a re-write may change (the tile and everything fitted stay as in the key)
-MAP_PARAMS = ("b_min", "texture_quantiles", "texture_window", "epsilon_c", "epsilon_t", "contour_radius", "mode",
-              "min_psnr")
+MAP_PARAMS = ("b_min", "texture_quantiles", "tile_bound", "texture_window", "epsilon_c", "epsilon_t", "contour_radius",
+              "mode", "min_psnr")
 
 
 def rewrite(key: str | Path, dataset: str | Path, out: Path, params: dict, seed: int = 0) -> dict:

@@ -177,12 +177,11 @@ def test_tile_maps_rewrites_a_fitted_tile_on_other_maps(tmp_path, capsys):
                     key=tmp_path / "fitted.umedkey", seed=0, device="cpu")
     tm = _bench("tile_maps")
     out = tmp_path / "flat"
-    assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(out), "--param", "b_min=1",
-                    "--param", "texture_quantiles=0,1"]) == 0
+    assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(out), "--param", "tile_bound=1,0,1"]) == 0
     assert "4 cases written" in capsys.readouterr().out
     before, after = load_protector(tmp_path / "fitted.umedkey"), load_protector(out / "protected.umedkey")
     assert torch.equal(before.refiner.pattern, after.refiner.pattern)
-    assert after.b_min == 1.0 and after.texture_quantiles == (0.0, 1.0) and not after.refiner.deltas
+    assert after.tile_bound == "1,0,1" and after._texture_bound() == (1.0, (0.0, 1.0)) and not after.refiner.deltas
     restore_dataset(out / "protected", out / "protected.umedkey", out / "restored")
     meta = json.loads((data / "dataset.json").read_text())
     for e in meta["training"]:

@@ -61,9 +61,9 @@ def test_floor_for_mean():
 
 def test_mean_psnr_spends_what_a_per_case_floor_leaves():
     samples = _samples()
-    # METHODS.md's texture bound: its map lets the large labels take more than a 50 dB floor gives them (the tile's
-    # own ``auto`` bound leaves the flattest quarter of the ROI out, and its map alone holds them above 50 dB)
-    maps = dict(b_min=0.25, texture_quantiles=(0.05, 0.95))
+    # the tile written on its fitting map, which lets the large labels take more than a 50 dB floor gives them (the
+    # ``auto`` write bound leaves the flattest quarter of the ROI out, and that map alone holds them above 50 dB)
+    maps = dict(tile_bound="fit")
     floor50 = UMedProtector(**FAST, **maps).fit(samples, progress=False)
     spent = UMedProtector(**FAST, **maps, min_psnr=48, mean_psnr=50).fit(samples, progress=False)
     assert floor50.psnr_floor is None and 48.0 <= spent.psnr_floor < 50.0

@@ -429,34 +429,42 @@ def test_a_key_from_before_the_tile_loads_as_per_case():
                        p.perturbation(s["image"], s["label"], s["case_id"]))
 
 
-def test_texture_bound_follows_the_shared_tile():
-    """``b_min`` and ``texture_quantiles`` ``auto``: 0 and (0.25, 0.95) with the 2D shared tile (the flattest quarter
-    of the ROI gets no budget), METHODS.md's 0.25 and (0.05, 0.95) per case and in 3D; numbers are taken as given,
-    and a key from before ``auto`` keeps what it recorded."""
-    from monai_umed.protectors.refine import auto_texture_bound
+def test_the_tile_is_fitted_on_one_texture_bound_and_written_on_another():
+    """``tile_bound=auto``: the 2D shared tile is fitted on METHODS.md's bound and written on ``b_min=0``, quantiles
+    (0.25, 0.95): the same tile, laid only where the written bound is non-zero; ``fit`` writes it on the fitting
+    bound, and a key from before ``tile_bound`` does so too."""
+    from monai_umed.protectors.refine import auto_tile_bound
 
-    assert auto_texture_bound("auto", "auto", 4) == (0.0, (0.25, 0.95))
-    assert auto_texture_bound("auto", "auto", 0) == (0.25, (0.05, 0.95))
-    assert auto_texture_bound(0.5, "0,1", 4) == (0.5, (0.0, 1.0))
-    for bad in (dict(b_min=1.5), dict(b_min=-0.1), dict(texture_quantiles=(0.9, 0.1)), dict(texture_quantiles="0.1")):
-        with pytest.raises(ValueError, match="b_min|texture_quantiles"):
+    assert auto_tile_bound("auto", 4) == (0.0, (0.25, 0.95)) and auto_tile_bound("auto", 0) is None
+    assert auto_tile_bound("fit", 4) is None and auto_tile_bound("0.1,0,1", 4) == (0.1, (0.0, 1.0))
+    for bad in (dict(tile_bound="0.1,0.9"), dict(tile_bound="2,0,1"), dict(tile_bound="0,0.9,0.1"),
+                dict(b_min=1.5), dict(texture_quantiles=(0.9, 0.1))):
+        with pytest.raises(ValueError, match="tile_bound|b_min|texture_quantiles"):
             UMedProtector(**bad)
-    s = _samples(n=1)[0]
-    roi = (s["label"] > 0).expand_as(s["image"])
-    common = dict(mode="texture", min_psnr=None, spatial_dims=2)
-    tile = UMedProtector(**common).budget(s["image"], s["label"])
-    per_case = UMedProtector(**common, refine_tile=0).budget(s["image"], s["label"])
-    given = UMedProtector(**common, b_min=0.25, texture_quantiles=(0.05, 0.95)).budget(s["image"], s["label"])
-    assert torch.equal(per_case, given)
-    assert bool((per_case[roi] > 0).all()) and bool((tile[~roi] == 0).all())
-    assert float((tile[roi] == 0).float().mean()) >= 0.2  # the flattest quarter of the ROI, channel by channel
-    assert UMedProtector(spatial_dims=3)._texture_bound() == (0.25, (0.05, 0.95))
-
-    p = UMedProtector(**{**FAST, "refine_tile": 4, "distil_epochs": 0}).fit(_samples(n=4), progress=False)
-    assert p.params()["b_min"] == "auto" and p.params()["texture_quantiles"] == "auto"
-    assert p._texture_bound() == (0.0, (0.25, 0.95))
-    q = UMedProtector().load_state_dict(p.state_dict())
-    assert q.b_min == "auto" and q.texture_quantiles == "auto"
-    state = p.state_dict()
-    state["params"].update(b_min=0.25, texture_quantiles=[0.05, 0.95])  # what every key before ``auto`` holds
-    assert UMedProtector().load_state_dict(state)._texture_bound() == (0.25, (0.05, 0.95))
+    samples = _samples(n=4)
+    cfg = {**FAST, "refine_tile": 4, "distil_epochs": 0}
+    written = UMedProtector(**cfg).fit(samples, progress=False)
+    fitted = UMedProtector(**cfg, tile_bound="fit").fit(samples, progress=False)
+    assert torch.equal(written.refiner.pattern, fitted.refiner.pattern)  # the fit itself does not change
+    assert written._texture_bound() == (0.0, (0.25, 0.95)) and fitted._texture_bound() == (0.25, (0.05, 0.95))
+    flattest = 0
+    for s in samples:
+        roi = (s["label"] > 0).expand_as(s["image"])
+        d_w = written.perturbation(s["image"], s["label"], s["case_id"])
+        d_f = fitted.perturbation(s["image"], s["label"], s["case_id"])
+        lim_w, lim_f = written.budget(s["image"], s["label"]), fitted.budget(s["image"], s["label"])
+        assert torch.all(d_w.abs() <= lim_w + 1e-6) and torch.all(d_f.abs() <= lim_f + 1e-6)
+        flattest += int(((lim_w == 0) & (lim_f > 0) & roi).sum())
+        # written or new, a case gets the same tile laid on the written bound
+        assert torch.allclose(d_w, written.perturbation(s["image"], s["label"], "unseen"), atol=1 / 255 + 1e-6)
+    assert flattest > 0  # the flattest part of the ROI carries the tile only on the fitting bound
+    q = UMedProtector().load_state_dict(written.state_dict())
+    assert q.tile_bound == "auto"
+    s = samples[0]
+    assert torch.equal(q.perturbation(s["image"], s["label"], s["case_id"]),
+                       written.perturbation(s["image"], s["label"], s["case_id"]))
+    state = fitted.state_dict()
+    state["params"].pop("tile_bound")  # a key from before ``tile_bound`` wrote the tile on its fitting bound
+    old = UMedProtector().load_state_dict(state)
+    assert old.tile_bound == "fit" and torch.equal(old.perturbation(s["image"], s["label"], s["case_id"]),
+                                                   fitted.perturbation(s["image"], s["label"], s["case_id"]))

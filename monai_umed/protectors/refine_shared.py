@@ -216,12 +216,29 @@ class SharedTileRefiner(ReleaseRefiner):
         """:meth:`ReleaseRefiner.fit`, then every case's perturbation made again from the final tile (cases visited
         early in the last round were made from an older one)."""
         super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies)
-        if self.pattern is not None:
-            for i, (y, lim, cid) in enumerate(zip(labels, limits, case_ids)):
-                d = self.deltas[cid].float()[None]
-                e = None if energies is None else torch.tensor([float(energies[i])], dtype=torch.float64)
-                cases = self._cases(d, torch.as_tensor(y)[None])
-                self.deltas[cid] = self._budget(cases, lim[None].float(), e)[0].to(torch.float16)
+        return self.lay(labels, limits, case_ids, energies)
+
+    def lay(self, labels: Sequence[torch.Tensor], limits: Sequence[torch.Tensor], case_ids: Sequence[str],
+            energies: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+        """Make every case's stored perturbation from the fitted tile(s), laid on the budget map ``limits`` (the one
+        it was fitted on, or another one it is written on) and scaled to the case's energy budget.
+
+        Args:
+            labels: 1 x spatial labels per case.
+            limits: C x spatial budget maps per case.
+            case_ids: the cases (already fitted: their work grid is that of their stored perturbation).
+            energies: per-case largest mean squared perturbation (None: the maps alone bound it).
+
+        Returns:
+            The stored perturbations (``deltas``).
+        """
+        if self.pattern is None:
+            return self.deltas
+        for i, (y, lim, cid) in enumerate(zip(labels, limits, case_ids)):
+            d = self.deltas[cid].float()[None]
+            e = None if energies is None else torch.tensor([float(energies[i])], dtype=torch.float64)
+            cases = self._cases(d, torch.as_tensor(y)[None])
+            self.deltas[cid] = self._budget(cases, lim[None].float(), e)[0].to(torch.float16)
         return self.deltas
 
     def state_dict(self) -> dict[str, Any]:

@@ -46,14 +46,14 @@ After fitting, protection is one forward pass of the two generators per case, ba
 Args (defaults):
     epsilon (8/255), epsilon_c (None: epsilon), epsilon_t (None: epsilon), contour_radius (2 voxels), contour_radius_mm
     (None; with a known spacing the band radius in mm), theta (0.7; 0 = plain convolutions), mode (``both`` |
-    ``contour`` | ``texture``), texture_window (5), b_min and texture_quantiles (``auto``: 0 and (0.25, 0.95) with a
-    shared tile, else 0.25 and (0.05, 0.95)), min_psnr (50 dB per case; None disables), mean_psnr (None), mix (0),
-    surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen (1), n_sur (1), stop_dice (0.99), lr (2e-3,
-    generators), surrogate_lr (1e-3), batch_size (8), patch_size (None: 96 in 2D, 48 in 3D), resize_aug (``auto``:
-    scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range), gen_scale (None: 2),
-    channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)), quantise_levels (``auto``: 255 for 8-bit data, else
-    none), sw_roi_size (None: twice the training patch at generator resolution), sw_overlap (0.25), infer_batch_size
-    (8), spatial_dims, seed (0), device (``auto``).
+    ``contour`` | ``texture``), texture_window (5), b_min (0.25), texture_quantiles ((0.05, 0.95)), tile_bound
+    (``auto``: the 2D shared tile is written on ``b_min = 0``, quantiles (0.25, 0.95)), min_psnr (50 dB per case; None
+    disables), mean_psnr (None), mix (0), surrogate_reset (0), epochs (None: 6 in 2D, 10 in 3D), n_gen (1), n_sur (1),
+    stop_dice (0.99), lr (2e-3, generators), surrogate_lr (1e-3), batch_size (8), patch_size (None: 96 in 2D, 48 in 3D),
+    resize_aug (``auto``: scales ``(0.3, 0.6)`` in 2D, none in 3D; ``False`` disables it; a pair gives the range),
+    gen_scale (None: 2), channels ((16, 32, 64)), surrogate_channels ((16, 32, 64, 128)), quantise_levels (``auto``: 255
+    for 8-bit data, else none), sw_roi_size (None: twice the training patch at generator resolution), sw_overlap (0.25),
+    infer_batch_size (8), spatial_dims, seed (0), device (``auto``).
 
 Shapes: ``image`` ``(C, H, W[, D])`` float in ``[0, 1]``; ``label`` ``(1, H, W[, D])`` int; ``delta`` like ``image``.
 
@@ -87,12 +87,13 @@ from monai_umed.protectors.refine import (
     as_tile,
     as_victim_grids,
     as_work_size,
-    auto_texture_bound,
     auto_tile,
+    auto_tile_bound,
     floor_to_levels,
     grey_levels,
     psnr_energy,
 )
+from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_release import UMedReleaseStage
@@ -141,10 +142,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         theta: CDC ``theta`` of the contour generator (0: plain convolutions, the ablation).
         mode: ``both`` (UMed), ``contour`` (``G_c`` only) or ``texture`` (``G_t`` only).
         texture_window: window ``k`` of the local standard deviation.
-        b_min: texture bound in the flattest ROI regions (``auto``: 0 when the release stage refines a shared tile, the
-            2D default, else 0.25; :func:`~monai_umed.protectors.refine.auto_texture_bound`).
-        texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1 (``auto``: ``(0.25, 0.95)`` with a
-            shared tile, else ``(0.05, 0.95)``).
+        b_min: texture bound in the flattest ROI regions.
+        texture_quantiles: ROI texture-energy quantiles mapped to ``b_min`` and 1.
         min_psnr: the lowest PSNR (dB) of any written case: a per-case budget on the perturbation's energy (None:
             the budget maps alone bound it).
         mean_psnr: with the release stage, the mean PSNR (dB) the written training files must reach (None: every
@@ -199,6 +198,9 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_tile_classwise: with ``refine_tile``, one tile per class, each on its own class's pixels.
         refine_tile_symmetric: with ``refine_tile``, keep the tile symmetric under flips and 90-degree rotations.
         refine_tile_fill: with ``refine_tile``, scale each case's pattern up to its energy budget, not only down.
+        tile_bound: with ``refine_tile``, the texture bound the fitted tile is *written* on (``auto``: ``b_min = 0``
+            and quantiles ``(0.25, 0.95)``: the flattest quarter of the ROI left alone; ``fit``: the fitting bound;
+            or ``"b_min,low,high"``; :func:`~monai_umed.protectors.refine.auto_tile_bound`).
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -229,8 +231,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         theta: float = 0.7,
         mode: str = "both",
         texture_window: int = 5,
-        b_min: float | str = "auto",
-        texture_quantiles: Sequence[float] | str = "auto",
+        b_min: float = 0.25,
+        texture_quantiles: Sequence[float] | str = (0.05, 0.95),
         min_psnr: float | None = 50.0,
         mean_psnr: float | None = None,
         epochs: int | None = None,
@@ -265,6 +267,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         refine_tile_classwise: bool = True,
         refine_tile_symmetric: bool = False,
         refine_tile_fill: bool = False,
+        tile_bound: str | Sequence[float] | None = "auto",
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -290,10 +293,10 @@ class UMedProtector(UMedReleaseStage, Protector):
         if not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta must lie in [0, 1], got {theta}")
         self.texture_window = int(texture_window)
-        # ``auto`` is resolved once the spatial dims (hence whether the release stage uses a shared tile) are known
-        b = auto_texture_bound(b_min, texture_quantiles, 0)[0]  # validates both
-        self.b_min: float | str = "auto" if b_min == "auto" else b
-        self.texture_quantiles: tuple[float, float] | str = as_texture_quantiles(texture_quantiles)
+        self.b_min = float(b_min)
+        if not 0.0 <= self.b_min <= 1.0:
+            raise ValueError(f"b_min must lie in [0, 1], got {b_min!r}")
+        self.texture_quantiles = as_texture_quantiles(texture_quantiles)
         self.min_psnr = None if min_psnr in (None, "", "none", 0) else float(min_psnr)
         self.mean_psnr = None if mean_psnr in (None, "", "none", 0) else float(mean_psnr)
         if self.mean_psnr is not None and (self.min_psnr is None or self.mean_psnr < self.min_psnr):
@@ -342,6 +345,8 @@ class UMedProtector(UMedReleaseStage, Protector):
         self.refine_tile_classwise = as_bool(refine_tile_classwise)
         self.refine_tile_symmetric = as_bool(refine_tile_symmetric)
         self.refine_tile_fill = as_bool(refine_tile_fill)
+        auto_tile_bound(tile_bound, 0)  # validates it; ``auto`` resolves once the spatial dims are known
+        self.tile_bound: str | Sequence[float] | None = tile_bound
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         self.victim_grids: Any = as_victim_grids(victim_grids)
@@ -370,9 +375,14 @@ class UMedProtector(UMedReleaseStage, Protector):
         return int(self.spatial_dims)
 
     def _texture_bound(self) -> tuple[float, tuple[float, float]]:
-        """The resolved ``(b_min, texture_quantiles)`` (:func:`~monai_umed.protectors.refine.auto_texture_bound`)."""
-        tile = auto_tile(self._sd(), self.refine_tile) if self.refine_rounds != 0 else 0
-        return auto_texture_bound(self.b_min, self.texture_quantiles, tile)
+        """``(b_min, texture_quantiles)`` of the texture bound in use: once a shared tile is fitted, the bound it is
+        written on (``tile_bound``, :func:`~monai_umed.protectors.refine.auto_tile_bound`); before that, and for
+        every other perturbation, the fitting bound (``b_min``, ``texture_quantiles``)."""
+        if isinstance(self.refiner, SharedTileRefiner) and self.refiner.pattern is not None:
+            written = auto_tile_bound(self.tile_bound, auto_tile(self._sd(), self.refine_tile))
+            if written is not None:
+                return written
+        return self.b_min, self.texture_quantiles
 
     def _epochs(self) -> int:
         if self.epochs is not None:
@@ -952,8 +962,8 @@ class UMedProtector(UMedReleaseStage, Protector):
             "mode": self.mode,
             "texture_window": self.texture_window,
             "b_min": self.b_min,
-            "texture_quantiles": self.texture_quantiles if self.texture_quantiles == "auto" else list(
-                self.texture_quantiles),
+            "texture_quantiles": list(self.texture_quantiles),
+            "tile_bound": self.tile_bound,
             "min_psnr": self.min_psnr,
             "mean_psnr": self.mean_psnr,
             "n_gen": self.n_gen,
@@ -1034,13 +1044,15 @@ class UMedProtector(UMedReleaseStage, Protector):
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
                     "release_jitter", "refine_step_fraction", "refine_tile",
-                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill"):
+                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "tile_bound"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:
             self.victim_grids = as_victim_grids(p["victim_grids"])
         if "mean_psnr" not in p:  # a state written before the mean budget existed held every case at min_psnr
             self.mean_psnr = None
+        if "tile_bound" not in p:  # a state written before the write bound existed wrote the tile on its fitting map
+            self.tile_bound = "fit"
         if "refine_tile" not in p:  # a state written before the shared tile existed refined every case on its own
             self.refine_tile, self.refine_tile_classwise = 0, False
         self._levels_resolved = int(state.get("levels", 0))

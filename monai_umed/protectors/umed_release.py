@@ -130,8 +130,12 @@ class UMedReleaseStage:
         log = (lambda line: tqdm.write(f"umed refine: {line}")) if progress else None
         ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
         energy = self._energy()
-        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log,
-                         energies=None if energy is None else [energy] * len(ids))
+        energies = None if energy is None else [energy] * len(ids)
+        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies)
+        if isinstance(self.refiner, SharedTileRefiner) and self._texture_bound() != (self.b_min, self.texture_quantiles):
+            # the fitted tile is written on its own texture bound (``tile_bound``): lay it there, case by case
+            limits = [self._case_maps(x, y, info["spacing"], full=True)[4] for x, y, info in zip(images, labels, cache)]
+            self.refiner.lay(labels, limits, ids, energies)
         if self.mean_psnr is not None:
             self._spend_mean_budget(images, limits, ids)
             energy = self._energy()
