@@ -783,6 +783,7 @@ class UMedProtector(UMedReleaseStage, Protector):
         """
         if len(samples) == 0:
             raise ValueError("UMed needs at least one training sample")
+        self.refiner = None  # a refit starts on the fitting bound, not on the bound an earlier tile is written on
         cache, channels, num_classes, shapes, levels = self._scan(samples)
         self._levels_resolved = levels
         sd = self._sd()
