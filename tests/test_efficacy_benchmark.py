@@ -35,10 +35,6 @@ def _bench(name: str = "efficacy"):
     return mod
 
 
-def _efficacy():
-    return _bench("efficacy")
-
-
 def test_labelled_rows_and_table(tmp_path, capsys):
     data = _write_2d(tmp_path / "data", n_train=4, n_test=2, size=32, ext=".png")
     out = tmp_path / "out"
@@ -46,7 +42,7 @@ def test_labelled_rows_and_table(tmp_path, capsys):
             "--param", "noise-2.epsilon=2/255", "--epochs", "1",
             "--image-size", "32", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--quiet"]
-    assert _efficacy().main(args) == 0
+    assert _bench().main(args) == 0
     text = capsys.readouterr().out
     assert "| noise-roi |" in text and "| noise |" in text and "| clean |" in text
     rec = json.loads((out / "efficacy.json").read_text())
@@ -71,7 +67,7 @@ def test_paper_and_release_rows(tmp_path, capsys):
     out = tmp_path / "out"
     args = [str(data), "--methods", "clean,noise", "--protocol", "release,paper", "--epochs", "1", "--image-size",
             "32", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    assert _efficacy().main(args) == 0
+    assert _bench().main(args) == 0
     text = capsys.readouterr().out
     for row in ("| clean | release |", "| clean | paper |", "| noise | release |", "| noise | paper |"):
         assert row in text
@@ -97,7 +93,7 @@ def test_victim_seeds_give_one_row_each_and_a_mean(tmp_path, capsys):
     out = tmp_path / "out"
     args = [str(data), "--methods", "noise", "--victim-seeds", "0,3", "--epochs", "1", "--image-size", "32",
             "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    assert _efficacy().main(args) == 0
+    assert _bench().main(args) == 0
     text = capsys.readouterr().out
     assert "| noise | release | none | 0 |" in text and "| noise | release | none | 3 |" in text
     assert "| noise | release | none | mean |" in text and "victim seeds 0, 3" in text
@@ -143,7 +139,7 @@ def test_victim_grid_dataset_resizes_like_the_victim(tmp_path):
                                            ("noise", ["--victim-seeds", "0,0"]), ("noise", ["--victim-seeds", "a"])])
 def test_bad_methods(tmp_path, methods, extra, capsys):
     data = _write_2d(tmp_path / "data", n_train=2, n_test=1, size=32, ext=".png")
-    assert _efficacy().main([str(data), "--methods", methods, "--out", str(tmp_path / "o"), *extra]) == 2
+    assert _bench().main([str(data), "--methods", methods, "--out", str(tmp_path / "o"), *extra]) == 2
     assert "efficacy: error:" in capsys.readouterr().err
 
 
