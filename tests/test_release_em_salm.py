@@ -141,6 +141,37 @@ def test_salm_release_perturbation_is_zero_outside_its_sparse_mask() -> None:
             assert torch.equal(mask, p.selection_mask(x, cid)[0])
 
 
+def test_salm_shared_tile_lies_on_its_sparse_mask_and_serves_unseen_cases() -> None:
+    """``refine_tile``: one class-wise tile shared by every case (UMed's SharedTileRefiner), laid on SALM's mask."""
+    from monai_umed.protectors.refine_shared import SharedTileRefiner, tile_pattern
+
+    p = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, **TINY).fit(_data(), progress=False)
+    assert isinstance(p.refiner, SharedTileRefiner) and p.refiner.classwise
+    assert tuple(p.refiner.pattern.shape) == (2, 3, 2, 2) and p.refiner.pattern.abs().max() > 0
+    for s in _data() + [_case(7)]:  # the last case was not seen in fit: it gets the fitted tile itself
+        x, y, cid = s["image"], s["label"], s["case_id"]
+        with torch.no_grad():
+            d = p.perturbation(x, y, cid)
+        mask = p.release_footprint(x, y, cid)[0]
+        assert (d != 0).any() and not d[:, ~mask].any()
+        assert torch.all(d.abs() <= p.release_budget(x, y, cid) + 1e-6)
+        assert float(psnr(_written(x, d)[None])) >= FLOOR - 1e-6
+    # a background-only work grid carries the background class's tile, scaled to the case's energy
+    flat = p.refiner._cases(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4).long())[0]
+    assert torch.equal(flat, tile_pattern(p.refiner.pattern[0], (4, 4)))
+    # a key rebuilds it; without the option (the default) SALM refines one perturbation per case
+    buf = io.BytesIO()
+    torch.save(p.state_dict(), buf)
+    buf.seek(0)
+    q = protectors.get("salm", **p.params()).load_state_dict(torch.load(buf, map_location="cpu", weights_only=False))
+    assert isinstance(q.refiner, SharedTileRefiner) and q.params()["refine_tile"] == 2
+    s = _case(7)
+    assert torch.equal(q.perturbation(s["image"], s["label"], "c7"), p.perturbation(s["image"], s["label"], "c7"))
+    assert protectors.get("salm").refine_tile == 0
+    with pytest.raises(ValueError):
+        protectors.get("salm", refine_tile=-1)
+
+
 def test_release_parameters_and_defaults() -> None:
     p = protectors.get("salm", release="true", min_psnr="50", victim_grids="128,256")
     assert p.release and p.min_psnr == 50.0 and p.victim_grids == (128, 256)

@@ -67,6 +67,12 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         refine_stop: stop the release stage when its surrogate's training Dice over a round reaches this (0.95).
         refine_size: longest side of the release-stage work grid (``auto``: 128 in 2D, native in 3D; see
             :func:`~monai_umed.protectors.refine.auto_work_size`).
+        refine_tile: 0 (default: one refined perturbation per case) or the side, in work-grid cells, of one tile
+            shared by every case (:class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`, UMed's 2D default),
+            laid on the method's footprint; ``auto`` is UMed's choice (4 in 2D, per case in 3D). A case not seen in
+            fit gets the fitted tile.
+        refine_tile_classwise: with ``refine_tile``, one tile per label class, each laid on its own class's pixels
+            (default True: a tile on every pixel alike would carry no label information).
         kwargs: see :class:`~monai_umed.protectors.pgd.SampleWiseProtector` (``work_size``, ``batch_size``,
             ``surrogate_channels``, ``lr``, ``augment``, ``resample_prob``, ``resample_scale``, ``spatial_dims``,
             ``seed``, ``epochs``, ``device``).
@@ -96,6 +102,8 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         refine_reset: int = 3,
         refine_stop: float = 0.95,
         refine_size: int | str | None = "auto",
+        refine_tile: int | str = 0,
+        refine_tile_classwise: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(epsilon=epsilon, alpha=alpha, steps=steps, **kwargs)
@@ -105,7 +113,7 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         self.train_steps = None if train_steps is None else int(train_steps)
         self.stop_dice = float(stop_dice)
         self._init_release(release, min_psnr, victim_grids, refine_rounds, refine_pgd, refine_surrogate_epochs,
-                           refine_reset, refine_stop, refine_size)
+                           refine_reset, refine_stop, refine_size, refine_tile, refine_tile_classwise)
 
     def params(self) -> dict[str, Any]:
         return {

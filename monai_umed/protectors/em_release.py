@@ -21,6 +21,12 @@ holds on the written (rounded) values. EM's own work-grid loop and its ``random_
 case not seen in fit gets ``steps`` refinement steps against the frozen refinement surrogate. Select it from the
 command line with ``--param em.release=true --param em.min_psnr=50``.
 
+With ``refine_tile`` (ours, UMed's 2D default) the stage refines one class-wise tile shared by every case instead of
+one perturbation per case (:class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`), laid on the method's
+footprint and scaled to each case's energy budget; a case not seen in fit gets the fitted tile. A shared pattern that
+explains every label is a shortcut a victim learns in a few epochs, where per-case perturbations have to be memorised
+one by one (docs/methods.md).
+
 The mixin :class:`EMReleaseStage` relies on :class:`~monai_umed.protectors.em.EMProtector` (through
 :class:`~monai_umed.protectors.pgd.SampleWiseProtector`) for the fitting schedule, the input checks and the
 surrogate's settings; a method changes its footprint by overriding :meth:`EMReleaseStage.release_footprint` and
@@ -41,8 +47,10 @@ from monai_umed.protectors.refine import (
     RefineSettings,
     ReleaseRefiner,
     as_bool,
+    as_tile,
     as_victim_grids,
     as_work_size,
+    auto_tile,
     auto_victim_grids,
     auto_work_size,
     build_refiner,
@@ -50,13 +58,14 @@ from monai_umed.protectors.refine import (
     floor_to_levels,
     psnr_energy,
 )
+from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
 
 #: the release-stage parameters (recorded by ``params`` and restored from a state by ``load_state_dict``)
 RELEASE_PARAMS = ("release", "min_psnr", "victim_grids", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
-                  "refine_reset", "refine_stop", "refine_size")
+                  "refine_reset", "refine_stop", "refine_size", "refine_tile", "refine_tile_classwise")
 
 
 class EMReleaseStage:
@@ -82,6 +91,8 @@ class EMReleaseStage:
         refine_reset: int,
         refine_stop: float,
         refine_size: int | str | None,
+        refine_tile: int | str = 0,
+        refine_tile_classwise: bool | str = True,
     ) -> None:
         """Parse and validate the release-stage parameters (see :class:`~monai_umed.protectors.em.EMProtector`).
 
@@ -99,6 +110,8 @@ class EMReleaseStage:
         self.refine_reset = int(refine_reset)
         self.refine_stop = float(refine_stop)
         self.refine_size = as_work_size(refine_size)
+        self.refine_tile = as_tile(refine_tile)
+        self.refine_tile_classwise = as_bool(refine_tile_classwise)
         if self.refine_rounds < 1:
             raise ValueError(f"refine_rounds must be >= 1, got {refine_rounds}")
         if self.refine_size is not None and self.refine_size != "auto" and self.refine_size < 8:
@@ -121,6 +134,8 @@ class EMReleaseStage:
             "refine_reset": self.refine_reset,
             "refine_stop": self.refine_stop,
             "refine_size": self.refine_size,
+            "refine_tile": self.refine_tile,
+            "refine_tile_classwise": self.refine_tile_classwise,
         }
 
     def _release_state(self) -> dict[str, Any]:
@@ -141,6 +156,8 @@ class EMReleaseStage:
         self.min_psnr = p.get("min_psnr", self.min_psnr)
         self.victim_grids = as_victim_grids(p.get("victim_grids", self.victim_grids))
         self.refine_size = as_work_size(p.get("refine_size", self.refine_size))
+        self.refine_tile = as_tile(p.get("refine_tile", self.refine_tile))
+        self.refine_tile_classwise = as_bool(p.get("refine_tile_classwise", self.refine_tile_classwise))
         for key in ("refine_rounds", "refine_pgd", "refine_surrogate_epochs", "refine_reset", "refine_stop"):
             if key in p:
                 setattr(self, key, type(getattr(self, key))(p[key]))
@@ -196,7 +213,8 @@ class EMReleaseStage:
         return RefineSettings(rounds=self.refine_rounds, pgd_steps=self.refine_pgd,
                               surrogate_epochs=self.refine_surrogate_epochs, stop_dice=self.refine_stop,
                               batch_size=self._batch_size(), work_size=size, unseen_steps=self.steps,
-                              reset_every=self.refine_reset)
+                              reset_every=self.refine_reset, shared_tile=auto_tile(sd, self.refine_tile),
+                              shared_classwise=self.refine_tile_classwise)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
@@ -261,6 +279,8 @@ class EMReleaseStage:
         limit = self.release_budget(x, label, cid).contiguous()
         if cid is not None and cid in self.refiner.deltas:
             d = self.refiner.deltas[cid].float().to(x.device)
+        elif isinstance(self.refiner, SharedTileRefiner):  # the shared pattern needs no optimisation
+            d = self.refiner.unseen(x, torch.as_tensor(label), limit, energy).to(x.device)
         else:
             with torch.enable_grad():
                 d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", energy=energy).to(x.device)
