@@ -168,6 +168,14 @@ def test_salm_shared_tile_lies_on_its_sparse_mask_and_serves_unseen_cases() -> N
     s = _case(7)
     assert torch.equal(q.perturbation(s["image"], s["label"], "c7"), p.perturbation(s["image"], s["label"], "c7"))
     assert protectors.get("salm").refine_tile == 0
+    # refine_tile_background=False: no tile on the background class, every perturbed pixel is near a label
+    fg = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_tile_background=False,
+                        **TINY).fit(_data(), progress=False)
+    assert not fg.refiner.background and fg.refiner.pattern[0].abs().max() == 0
+    for s in _data() + [_case(7)]:
+        d = fg.perturbation(s["image"], s["label"], s["case_id"])
+        near = torch.nn.functional.max_pool2d(s["label"][None].float(), 5, 1, 2)[0] > 0  # a work cell's reach
+        assert (d != 0).any() and not d[:, ~near[0]].any()
     with pytest.raises(ValueError):
         protectors.get("salm", refine_tile=-1)
 

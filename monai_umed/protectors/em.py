@@ -73,6 +73,8 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
             fit gets the fitted tile.
         refine_tile_classwise: with ``refine_tile``, one tile per label class, each laid on its own class's pixels
             (default True: a tile on every pixel alike would carry no label information).
+        refine_tile_background: with ``refine_tile_classwise``, lay a tile on the background class too (default
+            True); False spends the energy budget on the labelled structures only.
         kwargs: see :class:`~monai_umed.protectors.pgd.SampleWiseProtector` (``work_size``, ``batch_size``,
             ``surrogate_channels``, ``lr``, ``augment``, ``resample_prob``, ``resample_scale``, ``spatial_dims``,
             ``seed``, ``epochs``, ``device``).
@@ -104,6 +106,7 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         refine_size: int | str | None = "auto",
         refine_tile: int | str = 0,
         refine_tile_classwise: bool | str = True,
+        refine_tile_background: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(epsilon=epsilon, alpha=alpha, steps=steps, **kwargs)
@@ -113,7 +116,8 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         self.train_steps = None if train_steps is None else int(train_steps)
         self.stop_dice = float(stop_dice)
         self._init_release(release, min_psnr, victim_grids, refine_rounds, refine_pgd, refine_surrogate_epochs,
-                           refine_reset, refine_stop, refine_size, refine_tile, refine_tile_classwise)
+                           refine_reset, refine_stop, refine_size, refine_tile, refine_tile_classwise,
+                           refine_tile_background)
 
     def params(self) -> dict[str, Any]:
         return {

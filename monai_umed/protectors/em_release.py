@@ -65,7 +65,8 @@ __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
 
 #: the release-stage parameters (recorded by ``params`` and restored from a state by ``load_state_dict``)
 RELEASE_PARAMS = ("release", "min_psnr", "victim_grids", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
-                  "refine_reset", "refine_stop", "refine_size", "refine_tile", "refine_tile_classwise")
+                  "refine_reset", "refine_stop", "refine_size", "refine_tile", "refine_tile_classwise",
+                  "refine_tile_background")
 
 
 class EMReleaseStage:
@@ -93,6 +94,7 @@ class EMReleaseStage:
         refine_size: int | str | None,
         refine_tile: int | str = 0,
         refine_tile_classwise: bool | str = True,
+        refine_tile_background: bool | str = True,
     ) -> None:
         """Parse and validate the release-stage parameters (see :class:`~monai_umed.protectors.em.EMProtector`).
 
@@ -112,6 +114,7 @@ class EMReleaseStage:
         self.refine_size = as_work_size(refine_size)
         self.refine_tile = as_tile(refine_tile)
         self.refine_tile_classwise = as_bool(refine_tile_classwise)
+        self.refine_tile_background = as_bool(refine_tile_background)
         if self.refine_rounds < 1:
             raise ValueError(f"refine_rounds must be >= 1, got {refine_rounds}")
         if self.refine_size is not None and self.refine_size != "auto" and self.refine_size < 8:
@@ -136,6 +139,7 @@ class EMReleaseStage:
             "refine_size": self.refine_size,
             "refine_tile": self.refine_tile,
             "refine_tile_classwise": self.refine_tile_classwise,
+            "refine_tile_background": self.refine_tile_background,
         }
 
     def _release_state(self) -> dict[str, Any]:
@@ -158,6 +162,7 @@ class EMReleaseStage:
         self.refine_size = as_work_size(p.get("refine_size", self.refine_size))
         self.refine_tile = as_tile(p.get("refine_tile", self.refine_tile))
         self.refine_tile_classwise = as_bool(p.get("refine_tile_classwise", self.refine_tile_classwise))
+        self.refine_tile_background = as_bool(p.get("refine_tile_background", self.refine_tile_background))
         for key in ("refine_rounds", "refine_pgd", "refine_surrogate_epochs", "refine_reset", "refine_stop"):
             if key in p:
                 setattr(self, key, type(getattr(self, key))(p[key]))
@@ -214,7 +219,8 @@ class EMReleaseStage:
                               surrogate_epochs=self.refine_surrogate_epochs, stop_dice=self.refine_stop,
                               batch_size=self._batch_size(), work_size=size, unseen_steps=self.steps,
                               reset_every=self.refine_reset, shared_tile=auto_tile(sd, self.refine_tile),
-                              shared_classwise=self.refine_tile_classwise)
+                              shared_classwise=self.refine_tile_classwise,
+                              shared_background=self.refine_tile_background)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)

@@ -117,6 +117,9 @@ class RefineSettings:
         shared_symmetric: with ``shared_tile``, keep the tile symmetric under the victim's flips and 90-degree
             rotations (:func:`~monai_umed.protectors.refine_shared.symmetrise`).
         shared_fill: with ``shared_tile``, scale each case's pattern up to its energy budget, not only down.
+        shared_background: with ``shared_classwise``, lay a tile on the background class too (default); False leaves
+            the background unperturbed, so a footprint that covers the whole image (EM, SALM) spends its energy budget
+            on the labelled structures, where the shortcut is.
     """
 
     rounds: int = 20
@@ -134,6 +137,7 @@ class RefineSettings:
     shared_classwise: bool = False
     shared_symmetric: bool = False
     shared_fill: bool = False
+    shared_background: bool = True
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
@@ -658,7 +662,7 @@ def build_refiner(
 
         return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
                                  classwise=settings.shared_classwise, symmetric=settings.shared_symmetric,
-                                 fill=settings.shared_fill)
+                                 fill=settings.shared_fill, background=settings.shared_background)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 

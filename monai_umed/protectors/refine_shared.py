@@ -67,10 +67,12 @@ class SharedTileRefiner(ReleaseRefiner):
         classwise: one tile per class, each laid on its own class's pixels.
         symmetric: keep the tile(s) symmetric under flips and 90-degree rotations (:func:`symmetrise`).
         fill: scale each case's pattern up to its energy budget as well as down.
+        background: with ``classwise``, lay a tile on the background class too; False leaves it unperturbed (its
+            tile stays zero).
     """
 
     def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, symmetric: bool = False,
-                 fill: bool = False, **kwargs: Any) -> None:  # noqa: D107
+                 fill: bool = False, background: bool = True, **kwargs: Any) -> None:  # noqa: D107
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
             raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
@@ -78,6 +80,7 @@ class SharedTileRefiner(ReleaseRefiner):
         self.classwise = bool(classwise)
         self.symmetric = bool(symmetric)
         self.fill = bool(fill)
+        self.background = bool(background)
         self.pattern: torch.Tensor | None = None
 
     def _budget(self, d: torch.Tensor, lim: torch.Tensor, energy: torch.Tensor | None, sync: bool = True) -> torch.Tensor:
@@ -101,6 +104,8 @@ class SharedTileRefiner(ReleaseRefiner):
         if not self.classwise:
             return None
         onehot = F.one_hot(y[:, 0].long(), self._tiles()).movedim(-1, 1).to(dtype)
+        if not self.background:
+            onehot[:, 0] = 0
         return onehot if tuple(onehot.shape[2:]) == tuple(shape) else F.interpolate(onehot, size=tuple(shape),
                                                                                     mode="area")
 
@@ -244,7 +249,7 @@ class SharedTileRefiner(ReleaseRefiner):
     def state_dict(self) -> dict[str, Any]:
         pattern = None if self.pattern is None else self.pattern.cpu()
         return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise,
-                "symmetric": self.symmetric, "fill": self.fill}
+                "symmetric": self.symmetric, "fill": self.fill, "background": self.background}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)
