@@ -76,8 +76,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from monai_umed.blocks import BLOCK
-from monai_umed.masks import contour_band, roi_mask, spacing_of, texture_bound, texture_stats
+from monai_umed.masks import spacing_of
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import (
@@ -87,15 +86,12 @@ from monai_umed.protectors.refine import (
     as_tile,
     as_victim_grids,
     as_work_size,
-    auto_tile,
     auto_tile_bound,
-    floor_to_levels,
     grey_levels,
-    psnr_energy,
 )
-from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
+from monai_umed.protectors.umed_maps import UMedBudgetMaps
 from monai_umed.protectors.umed_release import UMedReleaseStage
 
 __all__ = ["UMedProtector"]
@@ -129,7 +125,7 @@ def _as_int_tuple(value: Any, name: str) -> tuple[int, ...] | None:
     return vals
 
 
-class UMedProtector(UMedReleaseStage, Protector):
+class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
     """Contour- and texture-aware perturbation generators fitted by min-min (UMed); see the module docstring.
 
     Args:
@@ -374,16 +370,6 @@ class UMedProtector(UMedReleaseStage, Protector):
             raise RuntimeError("spatial_dims is not known yet: fit the protector or pass spatial_dims")
         return int(self.spatial_dims)
 
-    def _texture_bound(self) -> tuple[float, tuple[float, float]]:
-        """``(b_min, texture_quantiles)`` of the texture bound in use: once a shared tile is fitted, the bound it is
-        written on (``tile_bound``, :func:`~monai_umed.protectors.refine.auto_tile_bound`); before that, and for
-        every other perturbation, the fitting bound (``b_min``, ``texture_quantiles``)."""
-        if isinstance(self.refiner, SharedTileRefiner) and self.refiner.pattern is not None:
-            written = auto_tile_bound(self.tile_bound, auto_tile(self._sd(), self.refine_tile))
-            if written is not None:
-                return written
-        return self.b_min, self.texture_quantiles
-
     def _epochs(self) -> int:
         if self.epochs is not None:
             return int(self.epochs)
@@ -406,120 +392,6 @@ class UMedProtector(UMedReleaseStage, Protector):
         if len(p) != sd:
             raise ValueError(f"patch_size {self.patch_size} does not have {sd} entries")
         return tuple(min(a, int(b)) for a, b in zip(p, max_shape))
-
-    # -- masks and budget ------------------------------------------------------------------------------------------
-    def _regions(
-        self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M_c, M_roi)`` of one case (``1 x spatial`` bool, CPU); the band is empty in ``texture`` mode."""
-        lab = torch.as_tensor(label).detach().cpu()
-        if spacing is None:
-            spacing = spacing_of(image)
-        if spacing is not None:
-            spacing = tuple(float(v) for v in spacing)[: self._sd()]
-        m_roi = roi_mask(lab)
-        if self.mode == "texture":
-            return torch.zeros_like(m_roi), m_roi
-        return contour_band(lab, radius=self.contour_radius, spacing=spacing, radius_mm=self.contour_radius_mm), m_roi
-
-    def _maps(
-        self,
-        img: torch.Tensor,
-        lab: torch.Tensor,
-        m_c: torch.Tensor,
-        m_roi: torch.Tensor,
-        stats: tuple[torch.Tensor, torch.Tensor] | None,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(a_c, a_t, limit)`` for an image (or a crop of one, with the whole image's texture ``stats``)."""
-        return self._scaled(*self._unit_maps(img, lab, m_c, m_roi, stats), scale)
-
-    def _unit_maps(
-        self,
-        img: torch.Tensor,
-        lab: torch.Tensor,
-        m_c: torch.Tensor,
-        m_roi: torch.Tensor,
-        stats: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(a_c, a_t, limit)`` at energy scale 1, not floored to grey levels; three distinct tensors (the callers
-        scale them in place, so a big volume holds each map once)."""
-        if self.mode == "contour" or stats is None:
-            a_t = torch.zeros_like(img)
-        else:  # the bound is not needed afterwards: a_t takes its memory
-            b_min = self._texture_bound()[0]
-            a_t = texture_bound(img, lab, self.texture_window, b_min, stats=stats).mul_(self.epsilon_t)
-        if self.mode == "texture":
-            return torch.zeros_like(img), a_t, a_t.clone()
-        mc_f = m_c.to(torch.float32).expand_as(img)
-        a_c = self.epsilon_c * mc_f
-        limit = torch.where(mc_f > 0, a_c, a_t)
-        return a_c, a_t, limit
-
-    def _scaled(
-        self, a_c: torch.Tensor, a_t: torch.Tensor, limit: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The maps of :meth:`_unit_maps` times the energy scale, the limit floored to whole grey levels (in place)."""
-        if scale != 1.0:
-            a_c.mul_(scale), a_t.mul_(scale), limit.mul_(scale)
-        return a_c, a_t, floor_to_levels(limit, self._levels_resolved, inplace=True)
-
-    def _texture_stats(self, img: torch.Tensor, lab: torch.Tensor,
-                       m_roi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The texture-energy levels of :func:`texture_stats` (None when the texture map is not used)."""
-        if self.mode != "contour" and bool(m_roi.any()):
-            return texture_stats(img, lab, self.texture_window, self._texture_bound()[1])
-        return None
-
-    def _energy_scale(self, limit: torch.Tensor) -> float:
-        """The scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation (the unscaled,
-        unfloored ``limit``) at ``min_psnr`` or above; 1 without ``min_psnr``. The mean square is summed in float64
-        a block at a time, so a big volume needs no float64 copy of itself."""
-        if self.min_psnr is None:
-            return 1.0
-        flat = limit.reshape(-1)
-        total = sum(float(part.double().square_().sum()) for part in flat.split(BLOCK))
-        mse = total / max(flat.numel(), 1)
-        target = psnr_energy(self.min_psnr)
-        return math.sqrt(target / mse) if mse > target else 1.0
-
-    def _case_stats(
-        self, img: torch.Tensor, lab: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
-        """Whole-image quantities of a case: the texture-energy levels of :func:`texture_stats` and the energy
-        scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation >= ``min_psnr``."""
-        stats = self._texture_stats(img, lab, m_roi)
-        if self.min_psnr is None:
-            return stats, 1.0
-        return stats, self._energy_scale(self._unit_maps(img, lab, m_c, m_roi, stats)[2])
-
-    def _case_maps(
-        self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None, full: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-case maps at native resolution, all on the CPU: ``(M_c, M_roi, a_c, a_t, limit)``.
-
-        ``delta = clamp(a_c * tanh(F_c) + a_t * tanh(F_t), -limit, limit)`` with ``a_c = s * eps_c * M_c``,
-        ``a_t = s * eps_t * B * M_roi`` and ``limit`` = ``s * eps_c`` on the band, ``s * eps_t * B`` elsewhere in
-        the ROI, 0 outside. ``s <= 1`` is the per-case energy scale that keeps the whole-image PSNR of the largest
-        admissible perturbation at ``min_psnr`` or above (``full``: ``s = 1``, the refinement's map, whose energy is
-        bounded separately); with ``quantise_levels`` the limit is floored to whole grey levels, so the written
-        (rounded) perturbation stays inside it.
-        """
-        img = torch.as_tensor(image).detach().cpu().float()
-        lab = torch.as_tensor(label).detach().cpu()
-        m_c, m_roi = self._regions(image, lab, spacing)
-        a_c, a_t, limit = self._unit_maps(img, lab, m_c, m_roi, self._texture_stats(img, lab, m_roi))
-        return (m_c, m_roi) + self._scaled(a_c, a_t, limit, 1.0 if full else self._energy_scale(limit))
-
-    @staticmethod
-    def _combine(
-        x: torch.Tensor, raw_c: torch.Tensor, raw_t: torch.Tensor, a_c: torch.Tensor, a_t: torch.Tensor,
-        limit: torch.Tensor,
-    ) -> torch.Tensor:
-        """``delta`` from the generators' raw outputs, projected on the budget and on ``[0, 1]`` (batched)."""
-        delta = a_c * torch.tanh(raw_c) + a_t * torch.tanh(raw_t)
-        delta = torch.maximum(torch.minimum(delta, limit), -limit)
-        return (x + delta).clamp(0.0, 1.0) - x
 
     # -- networks --------------------------------------------------------------------------------------------------
     def _build(self, in_channels: int, num_classes: int) -> None:
