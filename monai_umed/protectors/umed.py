@@ -24,6 +24,11 @@ Two learned perturbators, confined to the labelled structures:
 - ``delta = clip(x + delta_c + delta_t, 0, 1) - x`` after projecting the sum voxel-wise onto
   ``|delta| <= eps_c`` on the band and ``|delta| <= eps_t * B`` elsewhere in the ROI; 0 everywhere else.
 
+The masks and budget maps live in the mixin :class:`~monai_umed.protectors.umed_maps.UMedBudgetMaps`, the release
+stage (refinement through the release path, distillation, energy cap) in
+:class:`~monai_umed.protectors.umed_release.UMedReleaseStage`; this module holds the generators, their fit and the
+protector's parameters and state.
+
 Distance measure: L-inf, per voxel and region as above (``eps_c = eps_t = epsilon`` by default), in the normalised
 ``[0, 1]`` space. The generators are fitted by min-min against a MONAI UNet surrogate (``DiceCELoss``): ``n_gen``
 Adam steps on the generators minimising the surrogate's loss on the protected image, then ``n_sur`` steps on the
