@@ -58,7 +58,6 @@ from monai_umed.protectors.refine import (
     floor_to_levels,
     psnr_energy,
 )
-from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
@@ -285,8 +284,6 @@ class EMReleaseStage:
         limit = self.release_budget(x, label, cid).contiguous()
         if cid is not None and cid in self.refiner.deltas:
             d = self.refiner.deltas[cid].float().to(x.device)
-        elif isinstance(self.refiner, SharedTileRefiner):  # the shared pattern needs no optimisation
-            d = self.refiner.unseen(x, torch.as_tensor(label), limit, energy).to(x.device)
         else:
             with torch.enable_grad():
                 d = self.refiner.refine_case(x, torch.as_tensor(label), limit, cid or "", energy=energy).to(x.device)

@@ -203,6 +203,14 @@ class SharedTileRefiner(ReleaseRefiner):
         cases = self._cases(d, torch.as_tensor(label).cpu()[None])
         return self._budget(cases, limit.cpu()[None].float(), e)[0]
 
+    def refine_case(self, image: torch.Tensor, label: torch.Tensor, limit: torch.Tensor, case_id: str,
+                    init: torch.Tensor | None = None, steps: int | None = None,
+                    energy: float | None = None) -> torch.Tensor:
+        """An unseen case gets the fitted tile (:meth:`unseen`): no optimisation, so protecting a case never moves
+        the shared pattern that every written case carries (:meth:`_descend` would step it). ``case_id``, ``init``
+        and ``steps`` are ignored."""
+        return self.unseen(image, label, limit, energy)
+
     def _to_host(self) -> None:
         super()._to_host()
         if self.pattern is not None:
