@@ -22,6 +22,9 @@ and writes a new protected copy with its own key. Judge it with ``monai-umed eva
         --param tile_bound=0,0.25,0.95
     monai-umed evaluate ../shared/data/kvasir_seg /tmp/tile_b0/protected --image-size 128 --epochs 10 --seed 3
 
+The same works for an EM or SALM key whose release stage refined a shared tile (``refine_tile``): there the map
+parameters are ``refine_texture`` (the texture-aware bound on the method's footprint) and ``min_psnr``.
+
 Changing ``b_min`` or ``texture_quantiles`` of a key that writes on its fitting bound (``tile_bound=fit``, every
 key from before ``tile_bound``) moves the written map too. This is how ``tile_bound``'s default was found
 (docs/methods.md, fifth session); a fit with ``--param tile_bound=...`` writes the same way from the start.
@@ -42,36 +45,40 @@ from efficacy import parse_params  # noqa: E402
 from monai_umed.bundle import load_protector  # noqa: E402
 from monai_umed.errors import InputError  # noqa: E402
 from monai_umed.pipeline import protect_dataset  # noqa: E402
+from monai_umed.protectors.em import EMProtector  # noqa: E402
 from monai_umed.protectors.refine_shared import SharedTileRefiner  # noqa: E402
 from monai_umed.protectors.umed import UMedProtector  # noqa: E402
 
 #: the map and budget parameters a re-write may change (the tile and everything fitted stay as in the key)
 MAP_PARAMS = ("b_min", "texture_quantiles", "tile_bound", "texture_window", "epsilon_c", "epsilon_t", "contour_radius",
               "mode", "min_psnr")
+#: the same for EM's and SALM's release stage
+RELEASE_MAP_PARAMS = ("refine_texture", "min_psnr")
 
 
 def rewrite(key: str | Path, dataset: str | Path, out: Path, params: dict, seed: int = 0) -> dict:
     """Write ``dataset``'s training cases again with the fitted tile of ``key`` under other map ``params``.
 
     Args:
-        key: a key of a UMed copy whose release stage refined a shared tile.
+        key: a key of a UMed, EM or SALM copy whose release stage refined a shared tile.
         dataset: the clean dataset the key's copy was made from.
         out: the new copy goes to ``out / "protected"``, its key to ``out / "protected.umedkey"``.
-        params: map parameters (:data:`MAP_PARAMS`) and their new values.
+        params: map parameters (:data:`MAP_PARAMS`; EM and SALM: :data:`RELEASE_MAP_PARAMS`) and their new values.
         seed: the run seed of the protection.
 
     Returns:
         ``protect_dataset``'s summary.
 
     Raises:
-        InputError: not a UMed key with a shared tile, or a parameter outside :data:`MAP_PARAMS`.
+        InputError: not a UMed, EM or SALM key with a shared tile, or a parameter outside those its method allows.
     """
     protector = load_protector(key, device="cpu")
-    if not isinstance(protector, UMedProtector) or not isinstance(protector.refiner, SharedTileRefiner):
-        raise InputError("the key holds no UMed fitted with a shared tile (refine_tile)", key)
-    unknown = sorted(set(params) - set(MAP_PARAMS))
+    if not isinstance(protector, (UMedProtector, EMProtector)) or not isinstance(protector.refiner, SharedTileRefiner):
+        raise InputError("the key holds no UMed, EM or SALM fitted with a shared tile (refine_tile)", key)
+    allowed = MAP_PARAMS if isinstance(protector, UMedProtector) else RELEASE_MAP_PARAMS
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise InputError(f"tile_maps changes only {', '.join(MAP_PARAMS)}; got {', '.join(unknown)}")
+        raise InputError(f"tile_maps changes only {', '.join(allowed)} of {protector.name}; got {', '.join(unknown)}")
     state = protector.state_dict()
     state["params"].update(params)
     state["refine"]["deltas"] = {}  # every case through the tile's unseen path, laid on its new map

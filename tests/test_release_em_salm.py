@@ -180,6 +180,42 @@ def test_salm_shared_tile_lies_on_its_sparse_mask_and_serves_unseen_cases() -> N
         protectors.get("salm", refine_tile=-1)
 
 
+def test_refine_texture_lays_the_tile_on_the_texture_bound_inside_the_footprint() -> None:
+    from monai_umed.masks import texture_bound
+
+    p = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_tile_background=False,
+                       refine_texture="0,0.25,0.95", **TINY).fit(_data(), progress=False)
+    assert p.params()["refine_texture"] == [0.0, 0.25, 0.95]
+    for s in _data() + [_case(7)]:  # the last case was not seen in fit
+        x, y, cid = s["image"], s["label"], s["case_id"]
+        limit = p.release_budget(x, y, cid)
+        bound = texture_bound(x, y, 5, 0.0, (0.25, 0.95))
+        footprint = p.release_footprint(x, y, cid)
+        # epsilon x B on the sparse mask, floored to whole grey levels: nothing off the labels or the flattest quarter
+        ideal = bound * footprint * EPS
+        assert torch.allclose(limit * 255, (limit * 255).round(), atol=1e-4)
+        assert torch.all(limit <= ideal + 1e-6) and torch.all(limit > ideal - 1 / 255) and limit.max() > 0
+        assert not limit[:, y[0] == 0].any() and not limit[bound == 0].any()
+        d = p.perturbation(x, y, cid)
+        assert torch.all(_written(x, d).abs() <= limit + 1e-6) and d.abs().max() > 0
+        assert float(psnr(_written(x, d)[None])) >= FLOOR - 1e-6
+    # the parameter is recorded and restored with the key's state
+    buf = io.BytesIO()
+    torch.save(p.state_dict(), buf)
+    buf.seek(0)
+    q = protectors.get("salm", **{**p.params(), "refine_texture": None})
+    q.load_state_dict(torch.load(buf, map_location="cpu", weights_only=False))
+    assert q.refine_texture == (0.0, (0.25, 0.95))
+    s = _case(7)
+    assert torch.equal(q.perturbation(s["image"], s["label"], "c7"), p.perturbation(s["image"], s["label"], "c7"))
+    assert protectors.get("em").refine_texture is None
+    for bad in ("0.5", "2,0.25,0.95", "0,0.9,0.2"):
+        with pytest.raises(ValueError):
+            protectors.get("em", refine_texture=bad)
+    with pytest.raises(ValueError):
+        protectors.get("em", refine_texture="0,0.25,0.95").release_budget(s["image"], None, "c7")
+
+
 def test_release_parameters_and_defaults() -> None:
     p = protectors.get("salm", release="true", min_psnr="50", victim_grids="128,256")
     assert p.release and p.min_psnr == 50.0 and p.victim_grids == (128, 256)

@@ -75,6 +75,10 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
             (default True: a tile on every pixel alike would carry no label information).
         refine_tile_background: with ``refine_tile_classwise``, lay a tile on the background class too (default
             True); False spends the energy budget on the labelled structures only.
+        refine_texture: None (default: ``epsilon`` on the whole footprint) or ``"b_min,low,high"``: the release
+            budget is ``epsilon`` times UMed's texture-aware bound ``B`` on the footprint (0 outside the labelled
+            structures; the ROI's texture energy mapped from its ``low``-``high`` quantiles to ``[b_min, 1]``), so
+            the perturbation hides in the structures' own texture as UMed's shared tile does (``0,0.25,0.95``).
         kwargs: see :class:`~monai_umed.protectors.pgd.SampleWiseProtector` (``work_size``, ``batch_size``,
             ``surrogate_channels``, ``lr``, ``augment``, ``resample_prob``, ``resample_scale``, ``spatial_dims``,
             ``seed``, ``epochs``, ``device``).
@@ -107,6 +111,7 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         refine_tile: int | str = 0,
         refine_tile_classwise: bool | str = True,
         refine_tile_background: bool | str = True,
+        refine_texture: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(epsilon=epsilon, alpha=alpha, steps=steps, **kwargs)
@@ -117,7 +122,7 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         self.stop_dice = float(stop_dice)
         self._init_release(release, min_psnr, victim_grids, refine_rounds, refine_pgd, refine_surrogate_epochs,
                            refine_reset, refine_stop, refine_size, refine_tile, refine_tile_classwise,
-                           refine_tile_background)
+                           refine_tile_background, refine_texture)
 
     def params(self) -> dict[str, Any]:
         return {

@@ -42,11 +42,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from monai_umed.masks import texture_bound
 from monai_umed.protectors.pgd import WorkSet, linf_bound
 from monai_umed.protectors.refine import (
     RefineSettings,
     ReleaseRefiner,
     as_bool,
+    as_texture_bound,
     as_tile,
     as_victim_grids,
     as_work_size,
@@ -62,10 +64,13 @@ from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
 
+#: the texture window of ``refine_texture``'s bound (UMed's ``texture_window`` default)
+TEXTURE_WINDOW = 5
+
 #: the release-stage parameters (recorded by ``params`` and restored from a state by ``load_state_dict``)
 RELEASE_PARAMS = ("release", "min_psnr", "victim_grids", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                   "refine_reset", "refine_stop", "refine_size", "refine_tile", "refine_tile_classwise",
-                  "refine_tile_background")
+                  "refine_tile_background", "refine_texture")
 
 
 class EMReleaseStage:
@@ -94,6 +99,7 @@ class EMReleaseStage:
         refine_tile: int | str = 0,
         refine_tile_classwise: bool | str = True,
         refine_tile_background: bool | str = True,
+        refine_texture: Any = None,
     ) -> None:
         """Parse and validate the release-stage parameters (see :class:`~monai_umed.protectors.em.EMProtector`).
 
@@ -114,6 +120,7 @@ class EMReleaseStage:
         self.refine_tile = as_tile(refine_tile)
         self.refine_tile_classwise = as_bool(refine_tile_classwise)
         self.refine_tile_background = as_bool(refine_tile_background)
+        self.refine_texture = as_texture_bound(refine_texture)
         if self.refine_rounds < 1:
             raise ValueError(f"refine_rounds must be >= 1, got {refine_rounds}")
         if self.refine_size is not None and self.refine_size != "auto" and self.refine_size < 8:
@@ -139,6 +146,8 @@ class EMReleaseStage:
             "refine_tile": self.refine_tile,
             "refine_tile_classwise": self.refine_tile_classwise,
             "refine_tile_background": self.refine_tile_background,
+            "refine_texture": None if self.refine_texture is None else [self.refine_texture[0],
+                                                                        *self.refine_texture[1]],
         }
 
     def _release_state(self) -> dict[str, Any]:
@@ -162,6 +171,8 @@ class EMReleaseStage:
         self.refine_tile = as_tile(p.get("refine_tile", self.refine_tile))
         self.refine_tile_classwise = as_bool(p.get("refine_tile_classwise", self.refine_tile_classwise))
         self.refine_tile_background = as_bool(p.get("refine_tile_background", self.refine_tile_background))
+        if "refine_texture" in p:
+            self.refine_texture = as_texture_bound(p["refine_texture"])
         for key in ("refine_rounds", "refine_pgd", "refine_surrogate_epochs", "refine_reset", "refine_stop"):
             if key in p:
                 setattr(self, key, type(getattr(self, key))(p[key]))
@@ -202,11 +213,24 @@ class EMReleaseStage:
 
     def release_budget(self, image: torch.Tensor, label: torch.Tensor | None, case_id: str | None) -> torch.Tensor:
         """A case's budget map for the release stage (C x spatial, native grid): ``epsilon`` on
-        :meth:`release_footprint`, 0 elsewhere, floored to whole grey levels for 8-bit data."""
-        eps = float(floor_to_levels(torch.tensor(self.epsilon, dtype=torch.float64), self.levels))
-        eps = linf_bound(eps)  # the float32 value at or below it
+        :meth:`release_footprint`, 0 elsewhere, floored to whole grey levels for 8-bit data; with ``refine_texture``,
+        ``epsilon`` times UMed's texture-aware bound ``B`` (:func:`~monai_umed.masks.texture_bound`: 0 outside the
+        labelled structures, ``b_min`` on their flattest voxels, 1 on their most textured ones) before the floor.
+
+        Raises:
+            ValueError: ``refine_texture`` without a label.
+        """
         mask = self.release_footprint(image, label, case_id).to(image.device)
-        return (mask.to(torch.float32) * eps).expand(image.shape[0], *mask.shape[1:])
+        if self.refine_texture is None:
+            eps = float(floor_to_levels(torch.tensor(self.epsilon, dtype=torch.float64), self.levels))
+            eps = linf_bound(eps)  # the float32 value at or below it
+            return (mask.to(torch.float32) * eps).expand(image.shape[0], *mask.shape[1:])
+        if label is None:
+            raise ValueError(f"{self.name}: refine_texture needs the case's label")
+        b_min, quantiles = self.refine_texture
+        bound = texture_bound(image.float(), torch.as_tensor(label).to(image.device), TEXTURE_WINDOW, b_min,
+                              quantiles)
+        return floor_to_levels(bound.mul_(mask).mul_(linf_bound(self.epsilon)), self.levels, inplace=True)
 
     # -- the refiner ------------------------------------------------------------------------------------------------
     def _sd(self) -> int:

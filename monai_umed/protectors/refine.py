@@ -75,6 +75,7 @@ __all__ = [
     "auto_tile",
     "auto_tile_bound",
     "as_texture_quantiles",
+    "as_texture_bound",
     "build_refiner",
     "working_set_on",
 ]
@@ -589,12 +590,29 @@ def auto_tile_bound(value: Any, shared_tile: int) -> tuple[float, tuple[float, f
     if isinstance(value, str) and value.strip() == "auto":
         return (0.0, (0.25, 0.95)) if int(shared_tile) > 0 else None
     try:
+        return as_texture_bound(value)
+    except ValueError:
+        raise ValueError(f"tile_bound must be 'auto', 'fit' or 'b_min,low,high' with b_min in [0, 1], "
+                         f"got {value!r}") from None
+
+
+def as_texture_bound(value: Any) -> tuple[float, tuple[float, float]] | None:
+    """Parse a texture bound ``(b_min, (low, high))`` of :func:`~monai_umed.masks.texture_bound`: None (or ``none``,
+    ``""``) for none, else ``"b_min,low,high"`` or a sequence of three numbers with ``b_min`` in ``[0, 1]`` and
+    ``0 <= low < high <= 1``.
+
+    Raises:
+        ValueError: not one of those forms.
+    """
+    if value is None or (isinstance(value, str) and value.strip() in ("none", "")):
+        return None
+    try:
         parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
         parts = []
     if len(parts) != 3 or not 0.0 <= parts[0] <= 1.0:
-        raise ValueError(f"tile_bound must be 'auto', 'fit' or 'b_min,low,high' with b_min in [0, 1], got {value!r}")
-    return parts[0], as_texture_quantiles(parts[1:])  # type: ignore[return-value]
+        raise ValueError(f"a texture bound must be 'b_min,low,high' with b_min in [0, 1], got {value!r}")
+    return parts[0], as_texture_quantiles(parts[1:])
 
 
 def as_texture_quantiles(value: Any) -> tuple[float, float]:
