@@ -186,6 +186,10 @@ def test_refine_texture_lays_the_tile_on_the_texture_bound_inside_the_footprint(
     p = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_tile_background=False,
                        refine_texture="0,0.25,0.95", **TINY).fit(_data(), progress=False)
     assert p.params()["refine_texture"] == [0.0, 0.25, 0.95]
+    # the tile is fitted on the sparse mask alone and only laid on the texture bound
+    plain = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_tile_background=False,
+                           **TINY).fit(_data(), progress=False)
+    assert torch.equal(plain.refiner.pattern, p.refiner.pattern)
     for s in _data() + [_case(7)]:  # the last case was not seen in fit
         x, y, cid = s["image"], s["label"], s["case_id"]
         limit = p.release_budget(x, y, cid)

@@ -76,9 +76,11 @@ class EMProtector(EMReleaseStage, SampleWiseProtector):
         refine_tile_background: with ``refine_tile_classwise``, lay a tile on the background class too (default
             True); False spends the energy budget on the labelled structures only.
         refine_texture: None (default: ``epsilon`` on the whole footprint) or ``"b_min,low,high"``: the release
-            budget is ``epsilon`` times UMed's texture-aware bound ``B`` on the footprint (0 outside the labelled
-            structures; the ROI's texture energy mapped from its ``low``-``high`` quantiles to ``[b_min, 1]``), so
-            the perturbation hides in the structures' own texture as UMed's shared tile does (``0,0.25,0.95``).
+            stage writes on ``epsilon`` times UMed's texture-aware bound ``B`` on the footprint (0 outside the
+            labelled structures; the ROI's texture energy mapped from its ``low``-``high`` quantiles to
+            ``[b_min, 1]``), so the perturbation hides in the structures' own texture as UMed's shared tile does
+            (``0,0.25,0.95``). A shared tile is fitted on the footprint alone and then laid on that map; one
+            perturbation per case is refined on it.
         kwargs: see :class:`~monai_umed.protectors.pgd.SampleWiseProtector` (``work_size``, ``batch_size``,
             ``surrogate_channels``, ``lr``, ``augment``, ``resample_prob``, ``resample_scale``, ``spatial_dims``,
             ``seed``, ``epochs``, ``device``).

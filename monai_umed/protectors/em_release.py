@@ -60,6 +60,7 @@ from monai_umed.protectors.refine import (
     floor_to_levels,
     psnr_energy,
 )
+from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
@@ -211,17 +212,26 @@ class EMReleaseStage:
         """
         return torch.ones((1,) + tuple(image.shape[1:]), dtype=torch.bool, device=image.device)
 
-    def release_budget(self, image: torch.Tensor, label: torch.Tensor | None, case_id: str | None) -> torch.Tensor:
+    def release_budget(self, image: torch.Tensor, label: torch.Tensor | None, case_id: str | None,
+                       written: bool = True) -> torch.Tensor:
         """A case's budget map for the release stage (C x spatial, native grid): ``epsilon`` on
         :meth:`release_footprint`, 0 elsewhere, floored to whole grey levels for 8-bit data; with ``refine_texture``,
-        ``epsilon`` times UMed's texture-aware bound ``B`` (:func:`~monai_umed.masks.texture_bound`: 0 outside the
-        labelled structures, ``b_min`` on their flattest voxels, 1 on their most textured ones) before the floor.
+        the map a perturbation is written on is ``epsilon`` times UMed's texture-aware bound ``B``
+        (:func:`~monai_umed.masks.texture_bound`: 0 outside the labelled structures, ``b_min`` on their flattest
+        voxels, 1 on their most textured ones) before the floor.
+
+        Args:
+            image: C x spatial image in ``[0, 1]``.
+            label: its 1 x spatial labels.
+            case_id: the case (a training case or an unseen one).
+            written: the map the perturbation is written on (True) or the one a shared tile is fitted on (False: the
+                footprint alone, as UMed fits its tile on the whole structure before laying it on its texture).
 
         Raises:
             ValueError: ``refine_texture`` without a label.
         """
         mask = self.release_footprint(image, label, case_id).to(image.device)
-        if self.refine_texture is None:
+        if self.refine_texture is None or not written:
             eps = float(floor_to_levels(torch.tensor(self.epsilon, dtype=torch.float64), self.levels))
             eps = linf_bound(eps)  # the float32 value at or below it
             return (mask.to(torch.float32) * eps).expand(image.shape[0], *mask.shape[1:])
@@ -273,7 +283,8 @@ class EMReleaseStage:
             img = torch.as_tensor(s["image"]).detach().float().cpu()
             lab = torch.as_tensor(s["label"]).detach().long().cpu()
             cid = str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}")
-            limits.append(self.release_budget(img, lab, cid))
+            # a shared tile is fitted on the whole footprint and then laid on its texture (refine_texture)
+            limits.append(self.release_budget(img, lab, cid, written=not self.refine_tile))
             images.append(img)
             labels.append(lab)
             ids.append(cid)
@@ -283,8 +294,11 @@ class EMReleaseStage:
         log = (lambda line: tqdm.write(f"{self.name} refine: {line}")) if progress else None
         ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
         energy = psnr_energy(self.min_psnr)
-        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log,
-                         energies=None if energy is None else [energy] * len(ids))
+        energies = None if energy is None else [energy] * len(ids)
+        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies)
+        if isinstance(self.refiner, SharedTileRefiner) and self.refine_texture is not None:
+            written = [self.release_budget(x, y, cid) for x, y, cid in zip(images, labels, ids)]
+            self.refiner.lay(labels, written, ids, energies)
 
     def _release_perturbation(
         self, image: torch.Tensor, label: torch.Tensor | None, case_id: str | None
