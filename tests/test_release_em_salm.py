@@ -213,6 +213,12 @@ def test_refine_texture_lays_the_tile_on_the_texture_bound_inside_the_footprint(
     s = _case(7)
     assert torch.equal(q.perturbation(s["image"], s["label"], "c7"), p.perturbation(s["image"], s["label"], "c7"))
     assert protectors.get("em").refine_texture is None
+    # one perturbation per case is refined on the textured map itself: nothing off the labels
+    em = protectors.get("em", epsilon=EPS, refine_texture="0,0.25,0.95", **TINY).fit(_data(), progress=False)
+    for s in _data()[:2] + [_case(7)]:
+        d = em.perturbation(s["image"], s["label"], s["case_id"])
+        assert d.abs().max() > 0 and not d[:, s["label"][0] == 0].any()
+        assert torch.all(_written(s["image"], d).abs() <= em.release_budget(s["image"], s["label"], s["case_id"]) + 1e-6)
     for bad in ("0.5", "2,0.25,0.95", "0,0.9,0.2"):
         with pytest.raises(ValueError):
             protectors.get("em", refine_texture=bad)

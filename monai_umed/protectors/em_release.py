@@ -284,7 +284,7 @@ class EMReleaseStage:
             lab = torch.as_tensor(s["label"]).detach().long().cpu()
             cid = str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}")
             # a shared tile is fitted on the whole footprint and then laid on its texture (refine_texture)
-            limits.append(self.release_budget(img, lab, cid, written=not self.refine_tile))
+            limits.append(self.release_budget(img, lab, cid, written=not auto_tile(self._sd(), self.refine_tile)))
             images.append(img)
             labels.append(lab)
             ids.append(cid)
