@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from efficacy import parse_params  # noqa: E402
 
+from monai_umed import protectors  # noqa: E402
 from monai_umed.bundle import load_protector  # noqa: E402
 from monai_umed.errors import InputError  # noqa: E402
 from monai_umed.pipeline import protect_dataset  # noqa: E402
@@ -80,7 +81,13 @@ def rewrite(key: str | Path, dataset: str | Path, out: Path, params: dict, seed:
     if unknown:
         raise InputError(f"tile_maps changes only {', '.join(allowed)} of {protector.name}; got {', '.join(unknown)}")
     state = protector.state_dict()
-    state["params"].update(params)
+    # the method's own constructor parses and checks the new values (``min_psnr=none``, ``"0,0.25,0.95"``, ...)
+    current = {k: v for k, v in state["params"].items() if k != "spatial_dims"}
+    try:
+        typed = protectors.get(protector.name, **{**current, **params, "device": "cpu"}).params()
+    except ValueError as e:
+        raise InputError(str(e), key) from e
+    state["params"].update({k: typed[k] for k in params})
     state["refine"]["deltas"] = {}  # every case through the tile's unseen path, laid on its new map
     protector.load_state_dict(state)
     return protect_dataset(dataset, out / "protected", protector=protector, epsilon=protector.epsilon,

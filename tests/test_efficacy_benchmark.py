@@ -197,16 +197,20 @@ def test_tile_maps_rewrites_salms_fitted_tile_on_the_texture_bound(tmp_path, cap
     data = _write_2d(tmp_path / "data", n_train=4, n_test=1, size=32, ext=".png")
     params = dict(epochs=1, steps=2, batch_size=4, surrogate_channels=[4, 8], work_size=16, release=True,
                   refine_rounds=1, refine_pgd=1, victim_grids=[16], refine_size=16, refine_tile=2,
-                  refine_tile_background=False)
+                  refine_tile_background=False, min_psnr=50)
     protect_dataset(data, tmp_path / "fitted", method="salm", params=params, split="training",
                     key=tmp_path / "fitted.umedkey", seed=0, device="cpu")
     tm = _bench("tile_maps")
     out = tmp_path / "tex"
     assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(out), "--param",
-                    "refine_texture=0,0.25,0.95"]) == 0
+                    "refine_texture=0,0.25,0.95", "--param", "min_psnr=none"]) == 0
     assert "4 cases written" in capsys.readouterr().out
     before, after = load_protector(tmp_path / "fitted.umedkey"), load_protector(out / "protected.umedkey")
     assert torch.equal(before.refiner.pattern, after.refiner.pattern) and not after.refiner.deltas
     assert before.refine_texture is None and after.refine_texture == (0.0, (0.25, 0.95))
+    assert before.min_psnr == 50 and after.min_psnr is None  # parsed as the constructor parses it
+    assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(tmp_path / "bad2"), "--param",
+                    "refine_texture=0,0.9,0.2"]) == 2
+    assert "texture bound" in capsys.readouterr().err
     assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(tmp_path / "bad"), "--param", "b_min=0"]) == 2
     assert "changes only refine_texture, min_psnr of salm" in capsys.readouterr().err
