@@ -65,9 +65,6 @@ from monai_umed.protectors.release import ReleasePath
 
 __all__ = ["EMReleaseStage", "RELEASE_PARAMS"]
 
-#: the texture window of ``refine_texture``'s bound (UMed's ``texture_window`` default)
-TEXTURE_WINDOW = 5
-
 #: the release-stage parameters (recorded by ``params`` and restored from a state by ``load_state_dict``)
 RELEASE_PARAMS = ("release", "min_psnr", "victim_grids", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                   "refine_reset", "refine_stop", "refine_size", "refine_tile", "refine_tile_classwise",
@@ -238,8 +235,8 @@ class EMReleaseStage:
         if label is None:
             raise ValueError(f"{self.name}: refine_texture needs the case's label")
         b_min, quantiles = self.refine_texture
-        bound = texture_bound(image.float(), torch.as_tensor(label).to(image.device), TEXTURE_WINDOW, b_min,
-                              quantiles)
+        # texture_bound's default window is UMed's texture_window default
+        bound = texture_bound(image.float(), torch.as_tensor(label).to(image.device), b_min=b_min, quantiles=quantiles)
         return floor_to_levels(bound.mul_(mask).mul_(linf_bound(self.epsilon)), self.levels, inplace=True)
 
     # -- the refiner ------------------------------------------------------------------------------------------------

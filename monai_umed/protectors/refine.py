@@ -610,10 +610,13 @@ def as_texture_bound(value: Any) -> tuple[float, tuple[float, float]] | None:
         parts = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
         parts = []
-    if len(parts) != 3 or not 0.0 <= parts[0] <= 1.0 or not 0.0 <= parts[1] < parts[2] <= 1.0:
-        raise ValueError(f"a texture bound must be 'b_min,low,high' with b_min in [0, 1] and 0 <= low < high <= 1, "
-                         f"got {value!r}")
-    return parts[0], (parts[1], parts[2])
+    message = f"a texture bound must be 'b_min,low,high' with b_min in [0, 1] and 0 <= low < high <= 1, got {value!r}"
+    if len(parts) != 3 or not 0.0 <= parts[0] <= 1.0:
+        raise ValueError(message)
+    try:
+        return parts[0], as_texture_quantiles(parts[1:])
+    except ValueError:
+        raise ValueError(message) from None
 
 
 def as_texture_quantiles(value: Any) -> tuple[float, float]:
