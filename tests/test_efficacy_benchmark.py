@@ -214,3 +214,45 @@ def test_tile_maps_rewrites_salms_fitted_tile_on_the_texture_bound(tmp_path, cap
     assert "texture bound" in capsys.readouterr().err
     assert tm.main([str(tmp_path / "fitted.umedkey"), str(data), str(tmp_path / "bad"), "--param", "b_min=0"]) == 2
     assert "changes only refine_texture, min_psnr of salm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["shift", "checker"])
+def test_shortcut_oracles_write_the_label_code_at_the_requested_psnr(tmp_path, kind, capsys):
+    from monai_umed.data.synthetic import make_demo_dataset
+    from monai_umed.evaluation.metrics import read_native
+
+    so = _bench("shortcut_oracles")
+    data = make_demo_dataset(tmp_path / "data", spatial_dims=3, n_train=3, n_test=1, num_classes=2)
+    clean = {p.name: p.read_bytes() for p in (data / "imagesTr").iterdir()}
+    out = tmp_path / "oracle"
+    assert so.main([str(data), str(out), "--pattern", kind, "--psnr", "45"]) == 0
+    assert "[oracle]" in capsys.readouterr().out
+    meta = json.loads((out / "dataset.json").read_text())
+    assert len(meta["training"]) == 3 and "test" not in meta
+    for it in meta["training"]:
+        name = Path(it["image"]).name
+        x0, x1 = read_native(data / "imagesTr" / name), read_native(out / it["image"])
+        y = read_native(out / it["label"])
+        assert x1.dtype == x0.dtype and x1.shape == x0.shape
+        delta = x1.astype(np.float64) - x0.astype(np.float64)
+        assert np.all(delta[y == 0] == 0)  # only the labelled voxels change
+        sign = np.sign(delta)[y > 0]
+        if kind == "shift":  # one sign per class: +1 on class 1, -1 on class 2
+            assert np.all(np.sign(delta)[y == 1] >= 0) and np.all(np.sign(delta)[y == 2] <= 0)
+        else:  # neighbours along an axis alternate
+            assert set(np.unique(sign)) <= {-1.0, 0.0, 1.0} and (sign > 0).any() and (sign < 0).any()
+        mse = float((delta ** 2).mean())
+        r = float(np.iinfo(x0.dtype).max - np.iinfo(x0.dtype).min)
+        assert abs(10 * np.log10(r * r / mse) - 45.0) < 0.5
+    assert {p.name: p.read_bytes() for p in (data / "imagesTr").iterdir()} == clean  # the input is untouched
+    # a second write into the same folder is refused, nothing is overwritten
+    assert so.main([str(data), str(out)]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_shortcut_oracle_pattern_rejects_unknown_kinds():
+    so = _bench("shortcut_oracles")
+    with pytest.raises(ValueError, match="pattern must be"):
+        so.oracle_pattern(np.ones((1, 4, 4), np.int64), "stripes")
+    assert np.array_equal(so.add_at_psnr(np.ones((1, 4, 4), np.uint8), np.zeros((1, 4, 4)), 50.0),
+                          np.ones((1, 4, 4), np.uint8))
