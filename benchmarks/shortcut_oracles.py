@@ -112,6 +112,8 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float)
     meta = json.loads(src.read_text())
     training = []
     psnrs, rois = [], []
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     for it in load_split(dataset, "training"):
         image, label = Path(it["image"]), Path(it["label"])
         codec = codec_for(image)
@@ -119,10 +121,9 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float)
         y = read_native(label)
         written = add_at_psnr(stored, oracle_pattern(y, kind), target)
         rel_img, rel_lab = Path("imagesTr") / image.name, Path("labelsTr") / label.name
-        (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-        (out / "labelsTr").mkdir(parents=True, exist_ok=True)
         codec.write(image, out / rel_img, written)
         copy_atomic(label, out / rel_lab)
+        # PSNR as the judge reads both files (LoadImage may scale stored values; the codec writes stored ones)
         clean, back = read_native(image), read_native(out / rel_img)
         psnrs.append(psnr(clean, back))
         rois.append(psnr(clean, back, mask=y > 0))
