@@ -29,7 +29,6 @@ it wrote.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from monai_umed import protectors
 from monai_umed.errors import InputError
 from monai_umed.intensity import parse_epsilon
+from monai_umed.key import load_protector  # re-exported: part of the bundle's API
 from monai_umed.protectors.base import Protector
 
 __all__ = [
@@ -165,35 +165,6 @@ def build_protector(
             protector.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         except (ValueError, KeyError, RuntimeError) as e:
             raise InputError(f"cannot load this protector state into {method!r}: {e}", path) from e
-    return protector
-
-
-def load_protector(key_file: str | os.PathLike, device: str = "auto") -> Protector:
-    """Rebuild the fitted protector stored in a restoration key (to reuse it in a MONAI pipeline).
-
-    Args:
-        key_file: a key written by :func:`monai_umed.pipeline.protect_dataset`.
-        device: ``auto`` | ``cpu`` | ``cuda``.
-
-    Returns:
-        The protector with the method and parameters recorded in the key and, for fitted methods, its weights.
-
-    Raises:
-        InputError: not a key, or a fitted method whose key holds no weights.
-    """
-    from monai_umed.key import read_key, read_protector_state
-
-    record = read_key(key_file)
-    params = {k: v for k, v in dict(record.get("params") or {}).items() if k not in ("spatial_dims",)}
-    try:
-        protector = protectors.get(record["method"], **{**params, "device": device})
-    except ValueError as e:
-        raise InputError(str(e), key_file) from e
-    state = read_protector_state(key_file)
-    if protector.fits:
-        if state is None:
-            raise InputError(f"the key holds no fitted {record['method']!r} protector", key_file)
-        protector.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=False))
     return protector
 
 

@@ -36,7 +36,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -44,8 +44,11 @@ from monai_umed.blocks import c_order_blocks
 from monai_umed.data.formats import array_sha256, atomic_path, codec_for, copy_atomic, file_sha256
 from monai_umed.errors import InputError, KeyDamagedError, KeyMismatchError
 
-__all__ = ["encode_delta", "decode_delta", "write_key", "read_key", "verify_key", "check_key", "KeyReport",
-           "restore_dataset", "KEY_FORMAT"]
+if TYPE_CHECKING:
+    from monai_umed.protectors.base import Protector
+
+__all__ = ["encode_delta", "decode_delta", "write_key", "read_key", "load_protector", "verify_key", "check_key",
+           "KeyReport", "restore_dataset", "KEY_FORMAT"]
 
 KEY_FORMAT = "monai-umed-key/1"
 
@@ -240,6 +243,42 @@ def read_protector_state(path: str | os.PathLike) -> bytes | None:
             return _read_member(z, "protector.pt", record.get("protector_sha256"))
         except _Damaged as e:
             raise KeyDamagedError(f"protector.pt (the fitted protector) is damaged: {e}", path) from None
+
+
+def load_protector(key_file: str | os.PathLike, device: str = "auto") -> Protector:
+    """Rebuild the fitted protector stored in a restoration key (to reuse it in a MONAI pipeline).
+
+    It lives here, beside :func:`read_protector_state`, rather than in :mod:`monai_umed.bundle` (which re-exports
+    it) so that the evaluation protocols can rebuild a key's protector without importing the bundle, which imports
+    them.
+
+    Args:
+        key_file: a key written by :func:`monai_umed.pipeline.protect_dataset`.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+
+    Returns:
+        The protector with the method and parameters recorded in the key and, for fitted methods, its weights.
+
+    Raises:
+        InputError: not a key, or a fitted method whose key holds no weights.
+    """
+    # torch and the protector registry are imported here: restoring and verifying a key do not need them
+    import torch
+
+    from monai_umed import protectors
+
+    record = read_key(key_file)
+    params = {k: v for k, v in dict(record.get("params") or {}).items() if k not in ("spatial_dims",)}
+    try:
+        protector = protectors.get(record["method"], **{**params, "device": device})
+    except ValueError as e:
+        raise InputError(str(e), key_file) from e
+    state = read_protector_state(key_file)
+    if protector.fits:
+        if state is None:
+            raise InputError(f"the key holds no fitted {record['method']!r} protector", key_file)
+        protector.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=False))
+    return protector
 
 
 def _listed_files(record: dict[str, Any]) -> list[dict[str, str]]:

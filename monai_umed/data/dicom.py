@@ -39,15 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from monai_umed.data.formats import (
-    Codec,
-    ImageData,
-    atomic_path,
-    check_image,
-    check_label,
-    load_with_monai,
-    register_codec,
-)
+from monai_umed.data.codec import Codec, ImageData, atomic_path, check_image, check_label, load_with_monai
 from monai_umed.errors import InputError
 
 __all__ = ["DicomCodec", "discover_series", "DICOM_EXTENSIONS", "LABEL_MAP_EXTENSIONS"]
@@ -830,6 +822,3 @@ def discover_series(root: PathLike) -> list[dict[str, Any]]:
     for s in series:
         del s["_folder"]
     return sorted(series, key=lambda s: (s["files"][0], s["series_uid"]))
-
-
-register_codec(DicomCodec())

@@ -65,9 +65,8 @@ def paper_training_list(
     Raises:
         InputError: not a key, a key whose protector cannot be rebuilt, or a dataset without training cases.
     """
-    from monai_umed.bundle import load_protector
     from monai_umed.data.datalist import load_dataset
-    from monai_umed.key import read_key
+    from monai_umed.key import load_protector, read_key
     from monai_umed.pipeline import load_case
 
     record = read_key(key)
