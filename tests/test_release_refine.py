@@ -284,7 +284,8 @@ def test_energy_projection_without_host_sync_is_identical(mode):
 def test_resident_working_set_gives_the_same_fit_and_cpu_state(tile, tmp_path):
     """The on-device placement path (forced on the CPU): the same perturbations and round log as per-batch
     transfers, and what the fit returns, checkpoints and ``state_dict`` gives lies on the CPU."""
-    from monai_umed.protectors.refine import RefineSettings, build_refiner, psnr_energy
+    from monai_umed.protectors.refine import RefineSettings, psnr_energy
+    from monai_umed.protectors.refine_build import build_refiner
     from monai_umed.protectors.release import ReleasePath
 
     samples = _samples(n=5, size=32)

@@ -55,11 +55,11 @@ from monai_umed.protectors.refine import (
     auto_tile,
     auto_victim_grids,
     auto_work_size,
-    build_refiner,
     cap_energy,
     floor_to_levels,
     psnr_energy,
 )
+from monai_umed.protectors.refine_build import build_refiner
 from monai_umed.protectors.refine_shared import SharedTileRefiner
 from monai_umed.protectors.release import ReleasePath
 
@@ -292,7 +292,8 @@ class EMReleaseStage:
         ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
         energy = psnr_energy(self.min_psnr)
         energies = None if energy is None else [energy] * len(ids)
-        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies)
+        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies,
+                         progress=f"{self.name} refine" if progress else None)
         if isinstance(self.refiner, SharedTileRefiner) and self.refine_texture is not None:
             written = [self.release_budget(x, y, cid) for x, y, cid in zip(images, labels, ids)]
             self.refiner.lay(labels, written, ids, energies)

@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from monai_umed.protectors.base import case_seed, working_set_on
 from monai_umed.protectors.pgd import work_shape
@@ -76,7 +77,6 @@ __all__ = [
     "auto_tile_bound",
     "as_texture_quantiles",
     "as_texture_bound",
-    "build_refiner",
     "working_set_on",
 ]
 
@@ -292,6 +292,7 @@ class ReleaseRefiner:
         checkpoint: str | os.PathLike | None = None,
         log: Callable[[str], None] | None = None,
         energies: Sequence[float] | None = None,
+        progress: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Refine one work-grid perturbation per case.
 
@@ -303,6 +304,8 @@ class ReleaseRefiner:
             checkpoint: file for the state after every round; an existing one is resumed.
             log: called with one line per round (training Dice and losses).
             energies: per-case largest mean squared perturbation (normalised units; None: the map alone bounds it).
+            progress: the description of a progress bar over the rounds (finished rounds, the last round's Dice and
+                loss, and what is left at the rounds' pace; rounds stop early once the surrogate fits); None: no bar.
 
         Returns:
             ``case_id -> work-grid perturbation`` (float16, C x work spatial, on the CPU).
@@ -325,7 +328,7 @@ class ReleaseRefiner:
         e_all = None if energies is None else torch.as_tensor([float(e) for e in energies], dtype=torch.float64)
         resident = self._place(images, y_all, limits, case_ids)
         if not resident:
-            self._rounds(images, y_all, limits, case_ids, e_all, start, ckpt, log)
+            self._rounds(images, y_all, limits, case_ids, e_all, start, ckpt, log, progress=progress)
             return self.deltas
         dev = self.surrogate.device
         images = [x.to(dev) for x in images]
@@ -335,15 +338,24 @@ class ReleaseRefiner:
         e_cases = None if e_all is None else list(e_all.to(dev).unbind(0))
         self._lazy = True
         try:
-            self._rounds(images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases)
+            self._rounds(images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases, progress)
         finally:
             self._lazy = False
             self._to_host()
         return self.deltas
 
-    def _rounds(self, images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases=None) -> None:
+    def _rounds(self, images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases=None, progress=None) -> None:
         """The min-min rounds of :meth:`fit` from round ``start`` (``e_cases``: the energies as device scalars, for a
         resident working set). Losses and Dice counts stay on the device until the end of each round."""
+        st = self.settings
+        bar = tqdm(total=st.rounds, initial=start, desc=progress, unit="round", disable=progress is None)
+        try:
+            self._rounds_from(images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases, bar)
+        finally:
+            bar.close()
+
+    def _rounds_from(self, images, y_all, limits, case_ids, e_all, start, ckpt, log, e_cases, bar) -> None:
+        """:meth:`_rounds`' loop; ``bar`` is advanced once per finished round."""
         st = self.settings
         shapes = [tuple(x.shape[1:]) for x in images]
         for r in range(start, st.rounds):
@@ -400,6 +412,8 @@ class ReleaseRefiner:
                 log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
             if ckpt is not None:
                 self._save(ckpt, r + 1, case_ids)
+            bar.update(1)
+            bar.set_postfix(dice=f"{rec['dice']:.3f}", loss=f"{rec['loss']:.3f}")
             if rec["dice"] >= st.stop_dice:
                 break
 
@@ -646,46 +660,6 @@ def as_work_size(value: Any) -> str | int | None:
         if v in ("", "none", "native"):
             return None
     return None if value is None else int(value)
-
-
-def build_refiner(
-    spatial_dims: int,
-    in_channels: int,
-    num_classes: int,
-    path: ReleasePath,
-    settings: RefineSettings,
-    *,
-    surrogate_channels: Sequence[int],
-    lr: float,
-    device: torch.device | str,
-    seed: int,
-    tag: str,
-    levels: int | None,
-) -> ReleaseRefiner:
-    """A release stage's refiner with a fresh surrogate UNet seeded from ``(seed, tag)``.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: image channels.
-        num_classes: label classes (background included).
-        path: the release path the refinement runs through.
-        settings: the refinement's settings.
-        surrogate_channels: the surrogate's channels per level.
-        lr: the surrogate's learning rate.
-        device: where the surrogate runs.
-        seed: the protector's seed (also the refiner's).
-        tag: names the surrogate's seed stream (e.g. ``umed-refine``, ``em-refine``).
-        levels: grey levels of the data (None: float data).
-    """
-    sur = Surrogate(spatial_dims, in_channels, num_classes, channels=surrogate_channels, lr=lr, device=device,
-                    seed=case_seed(seed, tag) % (2**31))
-    if settings.shared_tile:
-        from monai_umed.protectors.refine_shared import SharedTileRefiner
-
-        return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
-                                 classwise=settings.shared_classwise, symmetric=settings.shared_symmetric,
-                                 fill=settings.shared_fill, background=settings.shared_background)
-    return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)
 
 
 def auto_work_size(spatial_dims: int, size: Any = "auto") -> int | None:

@@ -225,10 +225,12 @@ class SharedTileRefiner(ReleaseRefiner):
         checkpoint: str | os.PathLike | None = None,
         log: Callable[[str], None] | None = None,
         energies: Sequence[float] | None = None,
+        progress: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """:meth:`ReleaseRefiner.fit`, then every case's perturbation made again from the final tile (cases visited
         early in the last round were made from an older one)."""
-        super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies)
+        super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies,
+                    progress=progress)
         return self.lay(labels, limits, case_ids, energies)
 
     def lay(self, labels: Sequence[torch.Tensor], limits: Sequence[torch.Tensor], case_ids: Sequence[str],

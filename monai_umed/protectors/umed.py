@@ -94,6 +94,7 @@ from monai_umed.protectors.refine import (
     auto_tile_bound,
     grey_levels,
 )
+from monai_umed.protectors.refine_window import Windowed, as_window, paste
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_maps import UMedBudgetMaps
@@ -202,6 +203,10 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         tile_bound: with ``refine_tile``, the texture bound the fitted tile is *written* on (``auto``: ``b_min = 0``
             and quantiles ``(0.25, 0.95)``: the flattest quarter of the ROI left alone; ``fit``: the fitting bound;
             or ``"b_min,low,high"``; :func:`~monai_umed.protectors.refine.auto_tile_bound`).
+        refine_window: the side, in voxels, of the tiles a big 3D case is refined in, inside its footprint window
+            (:mod:`~monai_umed.protectors.refine_window`: the release stage's memory then follows the labelled
+            structures, not the volume); ``auto``: 64 for a 3D case of more than 128^3 voxels, the whole case
+            otherwise (every 2D case, MSD Hippocampus); 0: every case whole.
         distil_epochs: epochs of distilling the generators from the refined perturbations (regression on training
             patches), so that unseen cases get the refined kind of perturbation in one pass.
         victim_grids: the victim grids (longest side) the refinement expects a trainer to resize to (``auto``:
@@ -269,6 +274,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         refine_tile_symmetric: bool = False,
         refine_tile_fill: bool = False,
         tile_bound: str | Sequence[float] | None = "auto",
+        refine_window: int | str = "auto",
         distil_epochs: int = 2,
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
@@ -348,6 +354,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         self.refine_tile_fill = as_bool(refine_tile_fill)
         auto_tile_bound(tile_bound, 0)  # validates it; ``auto`` resolves once the spatial dims are known
         self.tile_bound: str | Sequence[float] | None = tile_bound
+        self.refine_window: int | str = as_window(refine_window)
         if self.distil_epochs < 0 or self.refine_steps < 0:
             raise ValueError("distil_epochs and refine_steps must be >= 0")
         self.victim_grids: Any = as_victim_grids(victim_grids)
@@ -356,6 +363,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         self._refine_settings(2)  # validates the refinement parameters
         self._release_path(2)
         self.refiner: ReleaseRefiner | None = None
+        self.windows: dict[str, Any] = {}
         self.in_channels: int | None = None
         self.num_classes: int | None = None
         self.gen_c: PerturbationGenerator | None = None
@@ -554,7 +562,9 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             m_c, m_roi = self._regions(e_img, e_lab, info["spacing"])
             maps = (e_img, e_lab, m_c, m_roi) + self._maps(e_img, e_lab, m_c, m_roi, info["stats"], info["scale"])
             if extra:
-                maps = maps + (torch.as_tensor(s["target"]).detach().float().cpu()[ext],)
+                t = s["target"]  # a big case's target is held as its window
+                maps = maps + (t.crop((tuple(ext0), tuple(ext1))).float() if isinstance(t, Windowed)
+                               else torch.as_tensor(t).detach().float().cpu()[ext],)
             inner = (slice(None),) + tuple(slice(a - e, b - e) for a, b, e in zip(start, stop, ext0))
             dst = (slice(None),) + tuple(slice(0, b - a) for a, b in zip(start, stop))
             for col, t in zip(cols, maps):
@@ -660,7 +670,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         """
         if len(samples) == 0:
             raise ValueError("UMed needs at least one training sample")
-        self.refiner = None  # a refit starts on the fitting bound, not on the bound an earlier tile is written on
+        # a refit starts on the fitting bound, not on the bound an earlier tile is written on, and with no window
+        self.refiner, self.windows = None, {}
         cache, channels, num_classes, shapes, levels = self._scan(samples)
         self._levels_resolved = levels
         sd = self._sd()
@@ -778,24 +789,35 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         """
         if self.gen_c is None or self.gen_t is None:
             raise RuntimeError("UMed is not fitted: call fit() or load_state_dict() first")
-        prepared = []
-        for img, lab in zip(images, labels):
+        prepared, views, view_labels, boxes = [], [], [], []
+        for img, lab, cid in zip(images, labels, case_ids):
             self._check_inputs(img, lab)
             if int(img.shape[0]) != self.in_channels:
                 raise ValueError(f"UMed was fitted on {self.in_channels}-channel images, got {img.shape[0]} channels")
-            prepared.append(self._case_maps(img, lab, full=self.refiner is not None))
+            spacing = spacing_of(img)
+            box = None if self.refiner is None else self._window(img, lab, spacing, cid)
+            if box is None:
+                views.append(img)
+                view_labels.append(lab)
+                prepared.append(self._case_maps(img, lab, full=self.refiner is not None))
+            else:  # a big case is protected in its footprint window and pasted into the volume
+                x_w, lab_w, maps = self._window_maps(img, lab, spacing, box)
+                views.append(x_w)
+                view_labels.append(lab_w)
+                prepared.append(maps)
+            boxes.append(box)
         self.gen_c.eval(), self.gen_t.eval()
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, img in enumerate(images):
+        for i, img in enumerate(views):
             groups.setdefault(tuple(img.shape), []).append(i)
         roi = self._sw_roi()
         for shape, idx in groups.items():
             for j in range(0, len(idx), self.infer_batch_size):
                 chunk = idx[j: j + self.infer_batch_size]
                 # one case: views, not stacked copies (a big volume's maps are held once)
-                x = torch.stack([torch.as_tensor(images[i]).detach().float().cpu() for i in chunk]) \
-                    if len(chunk) > 1 else torch.as_tensor(images[chunk[0]]).detach().float().cpu()[None]
+                x = torch.stack([torch.as_tensor(views[i]).detach().float().cpu() for i in chunk]) \
+                    if len(chunk) > 1 else torch.as_tensor(views[chunk[0]]).detach().float().cpu()[None]
                 x = x.to(self.device)
                 m_c, m_roi, a_c, a_t, limit = ((torch.stack([prepared[i][k] for i in chunk]) if len(chunk) > 1
                                                 else prepared[chunk[0]][k][None]).to(self.device) for k in range(5))
@@ -815,10 +837,13 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                     del small
                 if self.refiner is not None:  # the release stage: refined, distilled, energy-capped
                     for k, i in enumerate(chunk):
-                        deltas[k] = self._refined(x[k], limit[k], deltas[k], labels[i], case_ids[i])
+                        voxels = None if boxes[i] is None else math.prod(int(n) for n in images[i].shape[1:])
+                        deltas[k] = self._refined(x[k], limit[k], deltas[k], view_labels[i], case_ids[i], voxels)
                 for k, i in enumerate(chunk):
                     dev = images[i].device if torch.is_tensor(images[i]) else torch.device("cpu")
-                    out[i] = deltas[k].float().to(dev)
+                    d = deltas[k].float()
+                    box = boxes[i]
+                    out[i] = (d if box is None else paste(d, box, images[i].shape[1:])).to(dev)
         return [o for o in out if o is not None]
 
     def budget(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
@@ -876,6 +901,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             "refine_tile_classwise": self.refine_tile_classwise,
             "refine_tile_symmetric": self.refine_tile_symmetric,
             "refine_tile_fill": self.refine_tile_fill,
+            "refine_window": self.refine_window,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
@@ -894,6 +920,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                 "gen_t": {k: v.detach().cpu() for k, v in self.gen_t.state_dict().items()},
                 "history": list(self.history),
                 "refine": None if self.refiner is None else self.refiner.state_dict(),
+                "refine_windows": {k: [list(a), list(b)] for k, (a, b) in self.windows.items()},
                 "distil_history": list(self.distil_history),
                 "psnr_floor": self.psnr_floor,
             })
@@ -922,7 +949,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
                     "release_jitter", "refine_step_fraction", "refine_tile",
-                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "tile_bound"):
+                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "tile_bound",
+                    "refine_window"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:
@@ -933,6 +961,10 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             self.tile_bound = "fit"
         if "refine_tile" not in p:  # a state written before the shared tile existed refined every case on its own
             self.refine_tile, self.refine_tile_classwise = 0, False
+        if "refine_window" not in p:  # a state written before windows existed refined and protected cases whole
+            self.refine_window = 0
+        self.windows = {str(k): (tuple(int(v) for v in a), tuple(int(v) for v in b))
+                        for k, (a, b) in dict(state.get("refine_windows") or {}).items()}
         self._levels_resolved = int(state.get("levels", 0))
         self._build(int(state["in_channels"]), int(state["num_classes"]))
         assert self.gen_c is not None and self.gen_t is not None

@@ -25,6 +25,10 @@ resizing, augmentation; docs/methods.md). After the generators are fitted, this 
 3. caps the energy of what is written (:meth:`UMedReleaseStage._cap_energy`): the perturbation is rounded to the
    data's grey levels and scaled down until its PSNR is at least ``min_psnr``, case by case, on the file itself.
 
+A big 3D case (``refine_window``, by default one of more than 128^3 voxels) goes through all three in its footprint
+window (:mod:`~monai_umed.protectors.refine_window`): refined in tiles, stored window-sized, protected on the window
+and pasted into the volume, so the stage's memory follows the labelled structures, not the volume.
+
 The mixin relies on :class:`~monai_umed.protectors.umed.UMedProtector`'s maps, generators and patch sampler.
 """
 
@@ -46,11 +50,21 @@ from monai_umed.protectors.refine import (
     auto_tile,
     auto_victim_grids,
     auto_work_size,
-    build_refiner,
     cap_energy,
     psnr_energy,
 )
+from monai_umed.protectors.refine_build import build_refiner
 from monai_umed.protectors.refine_shared import SharedTileRefiner
+from monai_umed.protectors.refine_window import (
+    Box,
+    Windowed,
+    auto_window,
+    crop,
+    footprint_box,
+    split_box,
+    window_box,
+    window_energy,
+)
 from monai_umed.protectors.psnr_budget import floor_for_mean, written_psnr
 from monai_umed.protectors.release import ReleasePath
 
@@ -61,6 +75,9 @@ class UMedReleaseStage:
     """Mixin of :class:`~monai_umed.protectors.umed.UMedProtector`: the refinement, distillation and energy cap."""
 
     refiner: ReleaseRefiner | None = None
+    #: a windowed training case's window (:mod:`~monai_umed.protectors.refine_window`); its refined perturbation
+    #: in ``refiner.deltas`` is window-sized, at native resolution
+    windows: Mapping[str, Box] = {}
     #: mean regression loss per distillation epoch (a fresh list per fit or load; empty until then)
     distil_history: Sequence[dict[str, float]] = ()
 
@@ -93,57 +110,127 @@ class UMedReleaseStage:
         return psnr_energy(self.min_psnr if self.psnr_floor is None else self.psnr_floor)
 
     def _spend_mean_budget(self, images: Sequence[torch.Tensor], limits: Sequence[torch.Tensor],
-                           ids: Sequence[str]) -> None:
+                           ids: Sequence[str], voxels: Sequence[int]) -> None:
         """Choose the per-case floor for ``mean_psnr``: the lowest at which the written files' mean PSNR reaches it
         (:func:`~monai_umed.protectors.psnr_budget.floor_for_mean`), from each refined case's PSNR as written at
         ``min_psnr``. The refined perturbations are kept as fitted: writing caps each one at the floor on the file
         itself (:meth:`_cap_energy`, after rounding), so a case lands at the floor or keeps its PSNR if its map holds
-        it above; the floor is kept for unseen cases too."""
+        it above; the floor is kept for unseen cases too. A windowed case's image and map are its window's, and
+        ``voxels`` (the whole image's spatial voxels) turns its window's PSNR into the whole image's."""
         assert self.refiner is not None and self.min_psnr is not None and self.mean_psnr is not None
         lowest = psnr_energy(self.min_psnr)
         levels = self._levels_resolved or None
-        psnrs = [written_psnr(x, ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0],
-                              lowest, levels) for x, lim, cid in zip(images, limits, ids)]
+        psnrs = []
+        for x, lim, cid, n in zip(images, limits, ids, voxels):
+            d = ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0]
+            ratio = n / max(x[0].numel(), 1)  # whole image / window: the same change, spread over more voxels
+            psnrs.append(written_psnr(x, d, None if lowest is None else lowest * ratio, levels)
+                         + 10.0 * math.log10(ratio))
         self.psnr_floor = floor_for_mean(psnrs, self.min_psnr, self.mean_psnr)
+
+    def _window(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None,
+                case_id: str | None) -> Box | None:
+        """The footprint window a case is refined and protected in (None: the whole case): a training case's
+        fitted window, else the one its labels and ``refine_window`` give (the same rule, so a case gets the same
+        window in fit and afterwards). A shared tile is laid on whole cases."""
+        if case_id is not None and str(case_id) in self.windows:
+            return self.windows[str(case_id)]
+        shape = tuple(int(n) for n in image.shape[1:])
+        tile = auto_window(self._sd(), shape, self.refine_window)
+        if not tile or isinstance(self.refiner, SharedTileRefiner) or auto_tile(self._sd(), self.refine_tile):
+            return None
+        return window_box(footprint_box(torch.as_tensor(label), self._margin(spacing)), shape, tile)
+
+    def _window_maps(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None,
+                     box: Box) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """A case's image, labels and full (unscaled) maps ``(M_c, M_roi, a_c, a_t, limit)`` in ``box``, the maps
+        computed on the box plus a margin of context (:meth:`_margin`), so they equal the whole image's there: the
+        texture levels are quantiles over the ROI, which lies inside the window, of a local energy."""
+        margin = self._margin(spacing)
+        shape = tuple(int(n) for n in image.shape[1:])
+        ext = (tuple(max(0, a - m) for a, m in zip(box[0], margin)),
+               tuple(min(n, b + m) for b, m, n in zip(box[1], margin, shape)))
+        img = crop(torch.as_tensor(image).detach().cpu(), ext).float()
+        lab = crop(torch.as_tensor(label).detach().cpu(), ext)
+        m_c, m_roi = self._regions(img, lab, spacing)
+        maps = (m_c, m_roi) + self._maps(img, lab, m_c, m_roi, self._texture_stats(img, lab, m_roi), 1.0)
+        inner = [crop(t, box, ext[0]).clone() for t in (img, lab, *maps)]
+        return inner[0], inner[1], tuple(inner[2:])
 
     # -- fitting ----------------------------------------------------------------------------------------------------
     def _refine(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]], channels: int,
                 num_classes: int, patch: tuple[int, ...], checkpoint: str | os.PathLike | None,
                 progress: bool) -> None:
-        """Refine every training case (``refine_rounds``), then distil the generators (``distil_epochs``)."""
+        """Refine every training case (``refine_rounds``), then distil the generators (``distil_epochs``).
+
+        A windowed case (:meth:`_window`) is cropped to its window and refined as tiles of at most ``refine_window``
+        voxels a side, each a case of the refinement with the window's mean square budget; the refined tiles are
+        assembled into one window-sized perturbation at native resolution."""
         sd = self._sd()
-        self.refiner, self.distil_history, self.psnr_floor = None, [], None
+        self.refiner, self.distil_history, self.psnr_floor, self.windows = None, [], None, {}
         if self._refine_settings(sd).rounds <= 0:
             return
-        images, labels, limits, ids = [], [], [], []
+        energy = self._energy()
+        images, labels, limits, ids, voxels = [], [], [], [], []
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, float | None]] = []  # what is refined
+        tiles: dict[str, list[tuple[str, Box]]] = {}
         for i, (s, info) in enumerate(zip(samples, cache)):
             img = torch.as_tensor(s["image"]).detach().float().cpu()
             lab = torch.as_tensor(s["label"]).detach().long().cpu()
-            m_c, m_roi = self._regions(img, lab, info["spacing"])
-            limits.append(self._maps(img, lab, m_c, m_roi, info["stats"], 1.0)[2])
+            cid = str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}")
+            shape = tuple(int(n) for n in img.shape[1:])
+            box = self._window(img, lab, info["spacing"], None)
+            if box is None:
+                m_c, m_roi = self._regions(img, lab, info["spacing"])
+                lim = self._maps(img, lab, m_c, m_roi, info["stats"], 1.0)[2]
+                parts.append((img, lab, lim, cid, energy))
+            else:
+                img, lab, maps = self._window_maps(img, lab, info["spacing"], box)
+                lim = maps[4]
+                self.windows[cid] = box
+                e_w = window_energy(energy, shape, box)
+                tile = auto_window(sd, shape, self.refine_window)
+                local = ((0,) * sd, tuple(b - a for a, b in zip(*box)))
+                tiles[cid] = [(f"{cid}/tile{k:04d}", t) for k, t in enumerate(split_box(local, tile))]
+                parts.extend((crop(img, t), crop(lab, t), crop(lim, t), tid, e_w) for tid, t in tiles[cid])
             images.append(img)
             labels.append(lab)
-            ids.append(str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}"))
+            limits.append(lim)
+            ids.append(cid)
+            voxels.append(math.prod(shape))
         if len(set(ids)) != len(ids):
             raise ValueError("UMed refinement needs unique case ids")
         self.refiner = self._new_refiner(sd, channels, num_classes)
         log = (lambda line: tqdm.write(f"umed refine: {line}")) if progress else None
         ckpt = None if checkpoint is None else f"{os.fspath(checkpoint)}.refine"
-        energy = self._energy()
-        energies = None if energy is None else [energy] * len(ids)
-        self.refiner.fit(images, labels, limits, ids, checkpoint=ckpt, log=log, energies=energies)
+        p_img, p_lab, p_lim, p_ids, p_e = zip(*parts)
+        energies = None if energy is None else list(p_e)
+        self.refiner.fit(list(p_img), list(p_lab), list(p_lim), list(p_ids), checkpoint=ckpt, log=log,
+                         energies=energies, progress="umed refine" if progress else None)
+        for cid, x, lim in zip(ids, images, limits):  # a window's tiles become one native-resolution perturbation
+            if cid in tiles:
+                d = torch.zeros_like(x, dtype=torch.float16)
+                for tid, t in tiles[cid]:
+                    tile_d = self.refiner.deltas.pop(tid).float()[None]
+                    crop(d, t).copy_(ReleaseRefiner.native_delta(tile_d, crop(lim, t)[None])[0])
+                self.refiner.deltas[cid] = d
         if isinstance(self.refiner, SharedTileRefiner) and self._texture_bound() != (self.b_min, self.texture_quantiles):
             # the fitted tile is written on its own texture bound (``tile_bound``): lay it there, case by case
             limits = [self._case_maps(x, y, info["spacing"], full=True)[4] for x, y, info in zip(images, labels, cache)]
-            self.refiner.lay(labels, limits, ids, energies)
+            self.refiner.lay(labels, limits, ids, [energy] * len(ids) if energy is not None else None)
         if self.mean_psnr is not None:
-            self._spend_mean_budget(images, limits, ids)
+            self._spend_mean_budget(images, limits, ids, voxels)
             energy = self._energy()
         if self.distil_epochs > 0 and not isinstance(self.refiner, SharedTileRefiner):  # a tile needs no generator
-            targets = []
-            for x, lim, cid in zip(images, limits, ids):
+            targets: list[torch.Tensor | Windowed] = []
+            for s, x, lim, cid in zip(samples, images, limits, ids):
                 d = ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0]
-                targets.append(self._cap_energy(x, d, energy))
+                if cid in self.windows:  # held as its window: the distillation crops patches of it
+                    box = self.windows[cid]
+                    full = tuple(int(v) for v in torch.as_tensor(s["image"]).shape[1:])
+                    targets.append(Windowed(self._cap_energy(x, d, window_energy(energy, full, box)), box, full))
+                else:
+                    targets.append(self._cap_energy(x, d, energy))
             self._distil(samples, cache, targets, patch, progress)
 
     def _distil(self, samples: Sequence[Mapping[str, Any]], cache: list[dict[str, Any]],
@@ -176,7 +263,7 @@ class UMedReleaseStage:
 
     # -- protection -------------------------------------------------------------------------------------------------
     def _refined(self, x: torch.Tensor, limit: torch.Tensor, generated: torch.Tensor, label: torch.Tensor,
-                 case_id: str | None) -> torch.Tensor:
+                 case_id: str | None, voxels: int | None = None) -> torch.Tensor:
         """A case's perturbation in the release stage: the refined one for a training case; for an unseen case the
         shared tile (``refine_tile``) or the (distilled) generators' output, refined for ``refine_steps`` steps when
         asked to; energy-capped.
@@ -187,10 +274,14 @@ class UMedReleaseStage:
             generated: the generators' perturbation of the case (full maps).
             label: 1 x spatial labels.
             case_id: the case.
+            voxels: spatial voxels of the whole image when ``x`` is its window (the energy budget is the whole
+                image's mean square); None: ``x`` is the whole image.
         """
         assert self.refiner is not None
         cid = None if case_id is None else str(case_id)
         energy = self._energy()
+        if voxels is not None and energy is not None:
+            energy = energy * voxels / max(x[0].numel(), 1)
         if cid is not None and cid in self.refiner.deltas:
             d = self.refiner.deltas[cid].float().to(x.device)
         elif isinstance(self.refiner, SharedTileRefiner):  # the shared pattern needs no generator
