@@ -74,35 +74,6 @@ def make_kvasir_subset(source: Path, root: Path, n: int) -> Path:
     return root
 
 
-def make_synthetic_ct(root: Path, shape: tuple[int, int, int] = (512, 512, 300), radius: int = 40,
-                      seed: int = 0) -> Path:
-    """An MSD-style dataset of one int16 CT volume (air -1000 HU, an elliptic body at 40 HU, noise, a brighter
-    sphere) with the sphere as label; 0.8 x 0.8 x 1.5 mm voxels, gzip-compressed NIfTI."""
-    import nibabel as nib
-    import numpy as np
-
-    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    rs = np.random.RandomState(seed)
-    x, y, z = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    cx, cy, cz = shape[0] // 2, shape[1] // 2, shape[2] // 2
-    body = ((x - cx) / (0.4 * shape[0])) ** 2 + ((y - cy) / (0.32 * shape[1])) ** 2 <= 1
-    img = np.full(shape, -1000, np.int16)
-    img[np.broadcast_to(body, shape)] = 40
-    img += rs.randint(-20, 21, size=shape).astype(np.int16)
-    sphere = (x - cx) ** 2 + (y - cy - shape[1] // 20) ** 2 + (z - cz) ** 2 <= radius ** 2
-    img[sphere] += 60
-    affine = np.diag([0.8, 0.8, 1.5, 1.0])
-    nib.save(nib.Nifti1Image(img, affine), root / "imagesTr" / "ct_000.nii.gz")
-    nib.save(nib.Nifti1Image(sphere.astype(np.uint8), affine), root / "labelsTr" / "ct_000.nii.gz")
-    datalist = {"name": f"synthetic CT {'x'.join(map(str, shape))}", "modality": {"0": "CT"}, "tensorImageSize": "3D",
-                "labels": {"0": "background", "1": "sphere"},
-                "training": [{"image": "imagesTr/ct_000.nii.gz", "label": "labelsTr/ct_000.nii.gz"}]}
-    (root / "dataset.json").write_text(json.dumps(datalist, indent=1))
-    return root
-
-
-# -- worker side (one row, in its own process) -------------------------------------------------------------------------
 def _floor(dataset: Path, scratch: Path) -> tuple[float, float]:
     """Seconds (wall, CPU) to decode every training image of ``dataset`` with PIL and encode it as PNG into a file."""
     import numpy as np
@@ -310,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_ct:
                 ct = work / "ct"
                 if not (ct / "dataset.json").is_file():
+                    from monai_umed.data.synthetic import make_synthetic_ct
+
                     make_synthetic_ct(ct, tuple(args.ct_shape))
                 settings = "(generators, 1 epoch)" if json.loads(args.ct_params) == {"refine_rounds": 0} else \
                     f"{args.ct_params}, 1 epoch"

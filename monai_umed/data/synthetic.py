@@ -9,7 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Embedded demo data: small synthetic segmentation datasets made with MONAI's ``create_test_image_2d/3d``."""
+"""Embedded demo data: small synthetic segmentation datasets made with MONAI's ``create_test_image_2d/3d``, and
+CT-sized synthetic volumes for memory and time measurements."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_demo_dataset"]
+__all__ = ["make_demo_dataset", "make_synthetic_ct"]
 
 
 def make_demo_dataset(
@@ -89,5 +90,58 @@ def make_demo_dataset(
         "labels": {"0": "background", **{str(c): f"object{c}" for c in range(1, num_classes + 1)}},
         **lists,
     }
+    (root / "dataset.json").write_text(json.dumps(datalist, indent=1))
+    return root
+
+
+def make_synthetic_ct(
+    root: str | os.PathLike,
+    shape: tuple[int, int, int] = (512, 512, 300),
+    radius: int = 40,
+    n_cases: int = 1,
+    seed: int = 0,
+    suffix: str = ".nii.gz",
+) -> Path:
+    """An MSD-style dataset of ``n_cases`` int16 CT volumes (air -1000 HU, an elliptic body at 40 HU, uniform noise
+    of +-20 HU, a sphere 60 HU brighter) with the sphere as label; 0.8 x 0.8 x 1.5 mm voxels.
+
+    The abdominal-CT-sized default (512 x 512 x 300) is what ``benchmarks/speed.py`` and ``benchmarks/ct_memory.py``
+    protect; case ``k`` draws its noise from ``seed + k`` and has its sphere shifted by ``k`` voxels along the last
+    axis, so cases differ.
+
+    Args:
+        root: the dataset folder (``imagesTr``, ``labelsTr`` and ``dataset.json`` are written there).
+        shape: volume shape in voxels.
+        radius: the sphere's radius in voxels.
+        n_cases: number of training cases.
+        seed: noise seed of the first case.
+        suffix: ``.nii.gz`` (compressed, as datasets are shipped) or ``.nii`` (faster to write and read).
+
+    Returns:
+        ``root``.
+    """
+    import nibabel as nib
+
+    root = Path(root)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    x, y, z = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    cx, cy, cz = shape[0] // 2, shape[1] // 2, shape[2] // 2
+    body = ((x - cx) / (0.4 * shape[0])) ** 2 + ((y - cy) / (0.32 * shape[1])) ** 2 <= 1
+    affine = np.diag([0.8, 0.8, 1.5, 1.0])
+    training = []
+    for k in range(int(n_cases)):
+        rs = np.random.RandomState(seed + k)
+        img = np.full(shape, -1000, np.int16)
+        img[np.broadcast_to(body, shape)] = 40
+        img += rs.randint(-20, 21, size=shape).astype(np.int16)
+        sphere = (x - cx) ** 2 + (y - cy - shape[1] // 20) ** 2 + (z - min(cz + k, shape[2] - 1)) ** 2 <= radius**2
+        img[sphere] += 60
+        name = f"ct_{k:03d}{suffix}"
+        nib.save(nib.Nifti1Image(img, affine), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(sphere.astype(np.uint8), affine), root / "labelsTr" / name)
+        training.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
+    datalist = {"name": f"synthetic CT {'x'.join(map(str, shape))}", "modality": {"0": "CT"}, "tensorImageSize": "3D",
+                "labels": {"0": "background", "1": "sphere"}, "training": training}
     (root / "dataset.json").write_text(json.dumps(datalist, indent=1))
     return root

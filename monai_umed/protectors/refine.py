@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from monai_umed.blocks import BLOCK
 from monai_umed.protectors.base import case_seed, working_set_on
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.release import ReleasePath, linear_resize, quantise_st
@@ -685,9 +686,11 @@ def grey_levels(images: Sequence[torch.Tensor], levels: int = 255, tol: float = 
     """``levels`` when every image lies on the grid of ``1 / levels`` steps (8-bit data read into ``[0, 1]``),
     None otherwise (float data: no rounding in the release path)."""
     for x in images:
-        v = torch.as_tensor(x).detach().float() * levels
-        if bool((v - v.round()).abs().max() >= tol):
-            return None
+        # a block at a time: a CT volume's float temporaries would be several times its own size
+        for part in torch.as_tensor(x).detach().reshape(-1).split(BLOCK):
+            v = part.float() * levels
+            if bool((v - v.round()).abs().max() >= tol):
+                return None
     return int(levels)
 
 

@@ -94,7 +94,7 @@ from monai_umed.protectors.refine import (
     auto_tile_bound,
     grey_levels,
 )
-from monai_umed.protectors.refine_window import Windowed, as_window, paste
+from monai_umed.protectors.refine_window import Windowed, as_window, auto_window, crop, footprint_box, paste
 from monai_umed.protectors.release import gaussian_blur
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_maps import UMedBudgetMaps
@@ -502,8 +502,15 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             if eight_bit:
                 eight_bit = grey_levels([img]) is not None
             spacing = _sample_spacing(s, sd=img.ndim - 1)
-            m_c, m_roi = self._regions(img, lab, spacing)
-            stats, scale = self._case_stats(img.detach().float().cpu(), lab.cpu(), m_c, m_roi)
+            shape = tuple(int(n) for n in img.shape[1:])
+            x, y = img.detach().float().cpu(), lab.cpu()
+            if auto_window(img.ndim - 1, shape, self.refine_window):  # a big case: its labels' box suffices
+                margin = self._margin(spacing)
+                box = footprint_box(y, [2 * m for m in margin])  # the band's reach, then context for its maps
+                if box is not None:
+                    x, y = crop(x, box), crop(y, box)
+            m_c, m_roi = self._regions(x, y, spacing)
+            stats, scale = self._case_stats(x, y, m_c, m_roi, voxels=math.prod(shape))
             cache.append({"spacing": spacing, "stats": stats, "scale": scale})
             shapes.append(tuple(img.shape[1:]))
         if channels is None:

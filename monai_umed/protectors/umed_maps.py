@@ -128,27 +128,31 @@ class UMedBudgetMaps:
             return texture_stats(img, lab, self.texture_window, self._texture_bound()[1])
         return None
 
-    def _energy_scale(self, limit: torch.Tensor) -> float:
+    def _energy_scale(self, limit: torch.Tensor, voxels: int | None = None) -> float:
         """The scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation (the unscaled,
         unfloored ``limit``) at ``min_psnr`` or above; 1 without ``min_psnr``. The mean square is summed in float64
-        a block at a time, so a big volume needs no float64 copy of itself."""
+        a block at a time, so a big volume needs no float64 copy of itself. ``voxels``: the whole image's spatial
+        voxels when ``limit`` is a crop outside which the map is 0 (None: ``limit`` is the whole image)."""
         if self.min_psnr is None:
             return 1.0
         flat = limit.reshape(-1)
         total = sum(float(part.double().square_().sum()) for part in flat.split(BLOCK))
-        mse = total / max(flat.numel(), 1)
+        n = flat.numel() if voxels is None else int(voxels) * int(limit.shape[0])
+        mse = total / max(n, 1)
         target = psnr_energy(self.min_psnr)
         return math.sqrt(target / mse) if mse > target else 1.0
 
     def _case_stats(
-        self, img: torch.Tensor, lab: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor
+        self, img: torch.Tensor, lab: torch.Tensor, m_c: torch.Tensor, m_roi: torch.Tensor, voxels: int | None = None
     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
         """Whole-image quantities of a case: the texture-energy levels of :func:`texture_stats` and the energy
-        scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation >= ``min_psnr``."""
+        scale ``s <= 1`` that keeps the whole-image PSNR of the largest admissible perturbation >= ``min_psnr``.
+        Both may be computed on a crop that holds the ROI, its band and a margin of context (``voxels``: the whole
+        image's spatial voxels): the levels are quantiles over the ROI and the map is 0 outside the band and ROI."""
         stats = self._texture_stats(img, lab, m_roi)
         if self.min_psnr is None:
             return stats, 1.0
-        return stats, self._energy_scale(self._unit_maps(img, lab, m_c, m_roi, stats)[2])
+        return stats, self._energy_scale(self._unit_maps(img, lab, m_c, m_roi, stats)[2], voxels)
 
     def _case_maps(
         self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None, full: bool = False
