@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "texture_stats",
     "texture_bound",
     "spacing_of",
+    "sample_spacing",
 ]
 
 
@@ -73,6 +74,23 @@ def spacing_of(image: torch.Tensor | np.ndarray) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return tuple(sp) if sp and all(v > 0 for v in sp) else None
+
+
+def sample_spacing(sample: Mapping[str, Any], sd: int) -> tuple[float, ...] | None:
+    """Voxel spacing of a training sample: its ``spacing`` entry, its image's ``pixdim`` (``MetaTensor``) or the
+    affine in its ``meta`` dictionary; None when unknown."""
+    if sample.get("spacing") is not None:
+        return tuple(float(v) for v in sample["spacing"])[:sd]
+    sp = spacing_of(sample["image"])
+    if sp is not None:
+        return sp[:sd]
+    meta = sample.get("meta") or {}
+    affine = meta.get("affine") if isinstance(meta, Mapping) else None
+    if affine is not None:
+        a = np.asarray(affine, dtype=np.float64)
+        if a.ndim == 2 and a.shape[0] >= sd + 1:
+            return tuple(float(v) for v in np.sqrt((a[:sd, :sd] ** 2).sum(axis=0)))
+    return None
 
 
 def roi_mask(label: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -67,7 +67,7 @@ from monai_umed.intensity import IntensityMapping, compute_mapping, parse_epsilo
 from monai_umed.io_pool import IOPool, OrderedWindow, default_io_threads
 from monai_umed.key import check_key, encode_delta, fingerprint, read_key, write_key
 
-__all__ = ["protect_dataset", "default_key_path", "LoadedCase", "load_case", "RunLock"]
+__all__ = ["protect_dataset", "default_key_path", "LoadedCase", "load_case", "load_fit_sample", "RunLock"]
 
 _CONFIG_KEYS = ("dataset", "method", "params", "split", "intensity", "new_uids", "cases")
 _RESUME_HINT = "finished cases are kept: fix the cause and rerun with --resume"
@@ -123,18 +123,13 @@ def load_case(spec: DatasetSpec, case: Case, intensity: str = "auto") -> LoadedC
     return LoadedCase(case, image, mapping, tensor, label, paths)
 
 
-class _Samples(Sequence):
-    """Training samples for ``fit``: decoded once, kept in memory, in datalist order."""
-
-    def __init__(self, items: list[LoadedCase]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
-        it = self.items[i]
-        return {"image": it.tensor, "label": it.label, "case_id": it.case.case_id, "meta": it.image.meta}
+def load_fit_sample(spec: DatasetSpec, case: Case, intensity: str, protector: protectors.Protector) -> dict[str, Any]:
+    """Decode one training case and keep what ``protector.fit`` needs of it
+    (:meth:`~monai_umed.protectors.base.Protector.fit_sample`): the decoded volume is let go as soon as the case is
+    reduced, so fitting holds at most one decoded case per I/O thread, whatever the dataset's size."""
+    lc = load_case(spec, case, intensity)
+    return protector.fit_sample({"image": lc.tensor, "label": lc.label, "case_id": lc.case.case_id,
+                                 "meta": lc.image.meta})
 
 
 def _psnr(delta_n: np.ndarray) -> float:
@@ -733,10 +728,11 @@ def _fit_and_protect(job: _Job, protector: protectors.Protector, protect_idx: li
             else:
                 if main or together:
                     fit_idx = [i for i in protect_idx if spec.cases[i].split == "training"] or protect_idx
-                    futures = [pool.submit(load_case, spec, spec.cases[i], intensity) for i in fit_idx]
+                    futures = [pool.submit(load_fit_sample, spec, spec.cases[i], intensity, protector)
+                               for i in fit_idx]
                     items = [f.result() for f in tqdm(futures, desc="load", disable=not progress, unit="case")]
                     del futures
-                    protector.fit(_Samples(items), progress=progress, checkpoint=job.work / "fit.ckpt")
+                    protector.fit(items, progress=progress, checkpoint=job.work / "fit.ckpt")
                     del items
                 if main:
                     buf = io.BytesIO()

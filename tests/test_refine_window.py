@@ -28,6 +28,7 @@ from monai_umed.protectors.refine_window import (
     window_box,
     window_energy,
 )
+from monai_umed.protectors.refine import grey_levels
 from monai_umed.protectors.umed import UMedProtector
 
 TINY = dict(epochs=1, refine_rounds=2, refine_surrogate_epochs=1, surrogate_channels=(4, 8), channels=(4, 8),
@@ -124,10 +125,18 @@ def test_windowed_release_stage() -> None:
     assert q.windows == p.windows and q.refine_window == 16
     for a, b in zip(deltas, q.perturbation_batch(images, labels, ids)):
         assert torch.equal(a, b)
-    # the same inputs and seed give the same perturbations
-    again = UMedProtector(refine_window=16, **TINY).fit(samples, progress=False)
+    # the same inputs and seed give the same perturbations, also when fit keeps only each case's window (as
+    # ``protect`` streams a dataset: Protector.fit_sample)
+    again = UMedProtector(refine_window=16, **TINY)
+    kept = [again.fit_sample(s) for s in samples]
+    for k, s, cid in zip(kept, samples, ids):
+        assert k["window_box"] == p.windows[cid] and k["image"].numel() < s["image"].numel()
+        assert k["window_shape"] == (48, 48, 40) and k["levels_ok"] == (grey_levels([s["image"]]) is not None)
+    again.fit(kept, progress=False)
     for a, b in zip(deltas, again.perturbation_batch(images, labels, ids)):
         assert torch.equal(a, b)
+    small = UMedProtector(**TINY)  # below 128^3 voxels a case is kept whole
+    assert small.fit_sample(samples[0])["image"] is samples[0]["image"]
     # an unseen case is protected in the window its labels give
     unseen = _samples(3)[2]
     d = p.perturbation(unseen["image"], unseen["label"], "new")

@@ -132,6 +132,19 @@ class Protector(ABC):
         self.fitted = True
         return self
 
+    def fit_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """What :meth:`fit` keeps of one training sample, called as each case is decoded: a caller that streams a
+        dataset (``protect``) keeps only this, so a method that needs part of a big case lets the rest go. The
+        default keeps the whole sample.
+
+        Args:
+            sample: ``image``, ``label``, ``case_id`` and optionally ``spacing`` and ``meta`` (as for :meth:`fit`).
+
+        Returns:
+            A sample :meth:`fit` accepts in its place.
+        """
+        return dict(sample)
+
     @abstractmethod
     def perturbation(
         self, image: torch.Tensor, label: torch.Tensor | None = None, case_id: str | None = None

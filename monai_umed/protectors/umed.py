@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from monai_umed.masks import spacing_of
+from monai_umed.masks import sample_spacing, spacing_of
 from monai_umed.networks.generator import PerturbationGenerator
 from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import (
@@ -499,12 +499,13 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             if not torch.isfinite(img).all():
                 raise ValueError(f"{s.get('case_id')}: image contains NaN or infinite values")
             k = max(k, int(lab.max()))
-            if eight_bit:
-                eight_bit = grey_levels([img]) is not None
-            spacing = _sample_spacing(s, sd=img.ndim - 1)
-            shape = tuple(int(n) for n in img.shape[1:])
+            if eight_bit:  # a :meth:`fit_sample` crop says whether its whole image is 8-bit
+                eight_bit = bool(s["levels_ok"]) if "levels_ok" in s else grey_levels([img]) is not None
+            spacing = sample_spacing(s, sd=img.ndim - 1)
+            shape = tuple(int(n) for n in s.get("window_shape") or img.shape[1:])  # the whole image's
             x, y = img.detach().float().cpu(), lab.cpu()
-            if auto_window(img.ndim - 1, shape, self.refine_window):  # a big case: its labels' box suffices
+            if "window_box" not in s and auto_window(img.ndim - 1, shape, self.refine_window):
+                # a big case: its labels' box suffices (a :meth:`fit_sample` crop already is one)
                 margin = self._margin(spacing)
                 box = footprint_box(y, [2 * m for m in margin])  # the band's reach, then context for its maps
                 if box is not None:
@@ -986,23 +987,6 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             self.refiner.load_state_dict(state["refine"])
         self.fitted = True
         return self
-
-
-def _sample_spacing(sample: Mapping[str, Any], sd: int) -> tuple[float, ...] | None:
-    """Voxel spacing of a training sample: its ``spacing`` entry, its image's ``pixdim`` (``MetaTensor``) or the
-    affine in its ``meta`` dictionary; None when unknown."""
-    if sample.get("spacing") is not None:
-        return tuple(float(v) for v in sample["spacing"])[:sd]
-    sp = spacing_of(sample["image"])
-    if sp is not None:
-        return sp[:sd]
-    meta = sample.get("meta") or {}
-    affine = meta.get("affine") if isinstance(meta, Mapping) else None
-    if affine is not None:
-        a = np.asarray(affine, dtype=np.float64)
-        if a.ndim == 2 and a.shape[0] >= sd + 1:
-            return tuple(float(v) for v in np.sqrt((a[:sd, :sd] ** 2).sum(axis=0)))
-    return None
 
 
 def _atomic_save(obj: Any, path: str | os.PathLike) -> None:

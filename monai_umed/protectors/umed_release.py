@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from monai_umed.masks import sample_spacing
 from monai_umed.protectors.base import case_seed
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.refine import (
@@ -51,6 +52,7 @@ from monai_umed.protectors.refine import (
     auto_victim_grids,
     auto_work_size,
     cap_energy,
+    grey_levels,
     psnr_energy,
 )
 from monai_umed.protectors.refine_build import build_refiner
@@ -141,15 +143,39 @@ class UMedReleaseStage:
             return None
         return window_box(footprint_box(torch.as_tensor(label), self._margin(spacing)), shape, tile)
 
+    def fit_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """A training case refined in a window (:meth:`_window`) is kept as its window plus the margin its maps need
+        (its image and labels cropped, copied), with its ``spacing`` and where the crop lies: ``window_box`` (the
+        window, whole-image voxels), ``window_offset`` (the crop's start), ``window_shape`` (the whole image's
+        spatial shape) and ``levels_ok`` (whether the whole image lies on 8-bit grey levels). Fitting on it gives
+        what fitting on the whole case gives; a small case is kept whole."""
+        out = dict(sample)
+        if sample.get("label") is None or self.refine_rounds == 0:
+            return out
+        img, lab = torch.as_tensor(sample["image"]), torch.as_tensor(sample["label"])
+        sd = self._set_spatial_dims(img)
+        spacing = sample_spacing(sample, sd)
+        box = self._window(img, lab, spacing, None)
+        if box is None:
+            return out
+        ext = self._context(box, spacing, img.shape[1:])
+        out.update(image=crop(img, ext).clone(), label=crop(lab, ext).clone(), spacing=spacing, window_box=box,
+                   window_offset=ext[0], window_shape=tuple(int(n) for n in img.shape[1:]),
+                   levels_ok=grey_levels([img]) is not None)
+        return out
+
+    def _context(self, box: Box, spacing: Sequence[float] | None, shape: Sequence[int]) -> Box:
+        """``box`` grown by the margin of context that makes its maps equal the whole image's, inside ``shape``."""
+        margin = self._margin(spacing)
+        return (tuple(max(0, a - m) for a, m in zip(box[0], margin)),
+                tuple(min(int(n), b + m) for b, m, n in zip(box[1], margin, shape)))
+
     def _window_maps(self, image: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None,
                      box: Box) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """A case's image, labels and full (unscaled) maps ``(M_c, M_roi, a_c, a_t, limit)`` in ``box``, the maps
         computed on the box plus a margin of context (:meth:`_margin`), so they equal the whole image's there: the
         texture levels are quantiles over the ROI, which lies inside the window, of a local energy."""
-        margin = self._margin(spacing)
-        shape = tuple(int(n) for n in image.shape[1:])
-        ext = (tuple(max(0, a - m) for a, m in zip(box[0], margin)),
-               tuple(min(n, b + m) for b, m, n in zip(box[1], margin, shape)))
+        ext = self._context(box, spacing, image.shape[1:])
         img = crop(torch.as_tensor(image).detach().cpu(), ext).float()
         lab = crop(torch.as_tensor(label).detach().cpu(), ext)
         m_c, m_roi = self._regions(img, lab, spacing)
@@ -174,20 +200,23 @@ class UMedReleaseStage:
         images, labels, limits, ids, voxels = [], [], [], [], []
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, float | None]] = []  # what is refined
         tiles: dict[str, list[tuple[str, Box]]] = {}
+        boxes: dict[str, tuple[Box, tuple[int, ...]]] = {}  # a window in its sample's voxels, the whole image's shape
         for i, (s, info) in enumerate(zip(samples, cache)):
             img = torch.as_tensor(s["image"]).detach().float().cpu()
             lab = torch.as_tensor(s["label"]).detach().long().cpu()
             cid = str(s.get("case_id") if s.get("case_id") is not None else f"case_{i:06d}")
-            shape = tuple(int(n) for n in img.shape[1:])
-            box = self._window(img, lab, info["spacing"], None)
+            shape = tuple(int(n) for n in s.get("window_shape") or img.shape[1:])  # the whole image's
+            box = s.get("window_box") or self._window(img, lab, info["spacing"], None)
+            offset = tuple(s.get("window_offset") or (0,) * sd)  # where a :meth:`fit_sample` crop starts
             if box is None:
                 m_c, m_roi = self._regions(img, lab, info["spacing"])
                 lim = self._maps(img, lab, m_c, m_roi, info["stats"], 1.0)[2]
                 parts.append((img, lab, lim, cid, energy))
             else:
-                img, lab, maps = self._window_maps(img, lab, info["spacing"], box)
+                local = (tuple(a - o for a, o in zip(box[0], offset)), tuple(b - o for b, o in zip(box[1], offset)))
+                img, lab, maps = self._window_maps(img, lab, info["spacing"], local)
                 lim = maps[4]
-                self.windows[cid] = box
+                self.windows[cid], boxes[cid] = box, (local, shape)
                 e_w = window_energy(energy, shape, box)
                 tile = auto_window(sd, shape, self.refine_window)
                 local = ((0,) * sd, tuple(b - a for a, b in zip(*box)))
@@ -225,10 +254,11 @@ class UMedReleaseStage:
             targets: list[torch.Tensor | Windowed] = []
             for s, x, lim, cid in zip(samples, images, limits, ids):
                 d = ReleaseRefiner.native_delta(self.refiner.deltas[cid].float()[None], lim[None])[0]
-                if cid in self.windows:  # held as its window: the distillation crops patches of it
-                    box = self.windows[cid]
-                    full = tuple(int(v) for v in torch.as_tensor(s["image"]).shape[1:])
-                    targets.append(Windowed(self._cap_energy(x, d, window_energy(energy, full, box)), box, full))
+                if cid in boxes:  # held as its window: the distillation crops patches of its sample
+                    local, whole = boxes[cid]
+                    sample_shape = tuple(int(v) for v in torch.as_tensor(s["image"]).shape[1:])
+                    e_w = window_energy(energy, whole, local)
+                    targets.append(Windowed(self._cap_energy(x, d, e_w), local, sample_shape))
                 else:
                     targets.append(self._cap_energy(x, d, energy))
             self._distil(samples, cache, targets, patch, progress)
