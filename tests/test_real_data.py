@@ -40,3 +40,40 @@ def test_protect_restore_real(name: str, tmp_path: Path) -> None:
             assert a.header.binaryblock == r.header.binaryblock
         else:
             assert case["output"][0].endswith(".png")
+
+
+def test_dicom_ct_umed_defaults(tmp_path: Path) -> None:
+    """The real DICOM CT (3 slices + DICOM-SEG of the liver) with UMed and no parameters: SimpleITK reads the written
+    files as the same series (geometry and every element but PixelData unchanged), the change stays in the liver's
+    budget, and the key restores every file bit for bit."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from dicom_utils import compare_datasets
+
+    src = shared_dataset("dicom_ct_liver")
+    out, key, back = tmp_path / "out", tmp_path / "out.key", tmp_path / "back"
+    assert main(["protect", str(src), str(out), "--method", "umed", "--key", str(key), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (case,) = manifest["cases"]
+    assert case["fmt"] == "dicom" and case["method"] == "umed" and case["psnr"] >= 50.0 - 1e-6
+    assert case["max_abs_delta"] > 0
+
+    def series(folder: Path) -> sitk.Image:
+        reader = sitk.ImageSeriesReader()
+        (uid,) = reader.GetGDCMSeriesIDs(str(folder))
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        return reader.Execute()
+
+    a, b = series(src), series(out)
+    assert a.GetSize() == b.GetSize() == (512, 512, 3)
+    assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+    va, vb = sitk.GetArrayFromImage(a).astype(int), sitk.GetArrayFromImage(b).astype(int)
+    assert 0 < np.abs(va - vb).max() <= case["max_abs_delta"]
+    for rel in case["output"]:
+        x, y = pydicom.dcmread(src / rel), pydicom.dcmread(out / rel)
+        assert compare_datasets(x, y, (0x7FE00010,)) == []
+    assert main(["restore", str(out), str(key), str(back), "--quiet"]) == 0
+    for p in src.rglob("*"):
+        if p.is_file():
+            assert (back / p.relative_to(src)).read_bytes() == p.read_bytes()

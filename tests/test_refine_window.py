@@ -149,6 +149,21 @@ def test_windowed_release_stage() -> None:
     assert UMedProtector(device="cpu").load_state_dict(old).refine_window == 0
 
 
+def test_windowed_fit_resumes_at_its_last_round(tmp_path: Path) -> None:
+    """A windowed fit interrupted after its first refinement round (its tiles checkpointed) resumes to the
+    perturbations of an uninterrupted fit, as ``protect --resume`` does."""
+    samples = _samples()
+    full = UMedProtector(refine_window=16, **TINY).fit(samples, progress=False)
+    ck = tmp_path / "fit.ckpt"
+    UMedProtector(refine_window=16, **{**TINY, "refine_rounds": 1}).fit(samples, progress=False, checkpoint=ck)
+    state = torch.load(f"{ck}.refine", weights_only=False)
+    assert state["round"] == 1 and all("/tile" in c for c in state["case_ids"])
+    resumed = UMedProtector(refine_window=16, **TINY).fit(samples, progress=False, checkpoint=ck)
+    assert [r["round"] for r in resumed.refiner.history] == [0, 1] and resumed.windows == full.windows
+    for cid in full.refiner.deltas:
+        assert torch.equal(full.refiner.deltas[cid], resumed.refiner.deltas[cid])
+
+
 _PEAK = """
 import json, resource, sys
 from monai_umed.pipeline import protect_dataset
