@@ -219,8 +219,8 @@ class UMedReleaseStage:
                 self.windows[cid], boxes[cid] = box, (local, shape)
                 e_w = window_energy(energy, shape, box)
                 tile = auto_window(sd, shape, self.refine_window)
-                local = ((0,) * sd, tuple(b - a for a, b in zip(*box)))
-                tiles[cid] = [(f"{cid}/tile{k:04d}", t) for k, t in enumerate(split_box(local, tile))]
+                own = ((0,) * sd, tuple(b - a for a, b in zip(*box)))  # the window in its own voxels
+                tiles[cid] = [(f"{cid}/tile{k:04d}", t) for k, t in enumerate(split_box(own, tile))]
                 parts.extend((crop(img, t), crop(lab, t), crop(lim, t), tid, e_w) for tid, t in tiles[cid])
             images.append(img)
             labels.append(lab)
