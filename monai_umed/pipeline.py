@@ -553,16 +553,28 @@ def _protect_share(job: _Job, protector: protectors.Protector, chunks: list[list
     """Protect this rank's batches: decode batch ``k + 1`` on the I/O threads while batch ``k`` is perturbed here and
     batch ``k - 1`` is written. A batch whose decoded data exceed half of ``io_memory`` is perturbed and written
     alone (nothing decoded ahead, its writes finished before the next batch is decoded), so big volumes cost the
-    memory of one batch."""
+    memory of one batch.
+
+    The first case is decoded alone first: when a whole batch of cases of its size would exceed half of
+    ``io_memory`` (CT volumes: about 1.1 GB each, decoded), every batch is cut into one-case batches, so that a batch
+    of eight CTs is never decoded at once. The decision depends on the data only, and a case's perturbation does not
+    depend on its batch, so the bytes written are the same either way."""
     spec = job.spec
     loads: deque[tuple[list[int], list[Future]]] = deque()
     nxt = 0
+    first: Future | None = None
+    if chunks:
+        first = pool.submit(load_case, spec, spec.cases[chunks[0][0]], intensity)
+        if first.exception() is None and 2 * _case_bytes(first.result()) * len(chunks[0]) > io_memory:
+            chunks = [[i] for chunk in chunks for i in chunk]
 
     def load_next() -> None:
-        nonlocal nxt
+        nonlocal nxt, first
         chunk = chunks[nxt]
         nxt += 1
-        loads.append((chunk, [pool.submit(load_case, spec, spec.cases[i], intensity) for i in chunk]))
+        futures = [pool.submit(load_case, spec, spec.cases[i], intensity) for i in chunk[1 if first else 0:]]
+        loads.append((chunk, ([first] if first else []) + futures))
+        first = None  # the first case's decoding is used once
 
     try:
         for _ in range(len(chunks)):

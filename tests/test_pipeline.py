@@ -144,6 +144,27 @@ def test_same_seed_same_bytes_and_resume_after_interruption(ds2d: Path, tmp_path
     assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run.umedkey.parts").exists()
 
 
+def test_big_cases_are_protected_one_at_a_time(ds3d: Path, tmp_path: Path, monkeypatch) -> None:
+    """When a batch of cases the size of the first one would exceed half of the decoding budget (CT volumes), every
+    case is decoded, perturbed and written alone, and the bytes are those of batched protection."""
+    ref = tmp_path / "ref"
+    protect_dataset(ds3d, ref, "noise", seed=3, batch_size=4, progress=False)
+    sizes = []
+    original = pipeline._protect_batch
+    monkeypatch.setattr(pipeline, "_protect_batch",
+                        lambda job, p, loaded, u: sizes.append(len(loaded)) or original(job, p, loaded, u))
+    monkeypatch.setattr(pipeline, "IO_MEMORY", 4 * 16**3 * 14)  # less than two of these cases decoded, doubled
+    out = tmp_path / "run"
+    protect_dataset(ds3d, out, "noise", seed=3, batch_size=4, progress=False)
+    assert sizes == [1, 1, 1, 1]
+    assert {k: v for k, v in tree_digest(ref).items() if k != "manifest.json"} == \
+        {k: v for k, v in tree_digest(out).items() if k != "manifest.json"}
+    sizes.clear()
+    monkeypatch.setattr(pipeline, "IO_MEMORY", 1 << 30)  # small cases stay batched
+    protect_dataset(ds3d, tmp_path / "again", "noise", seed=3, batch_size=4, progress=False)
+    assert sizes == [4]
+
+
 def test_key_is_sparse_zip_and_refuses_other_datasets(ds2d: Path, ds3d: Path, tmp_path: Path) -> None:
     s2 = protect_dataset(ds2d, tmp_path / "p2", "noise", progress=False)
     s3 = protect_dataset(ds3d, tmp_path / "p3", "noise", key=tmp_path / "keys" / "k3", progress=False)
