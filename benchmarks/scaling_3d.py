@@ -58,7 +58,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 def protect_row(data: Path, out: Path) -> dict[str, Any]:
     """``monai-umed protect data out --method umed`` in its own process: wall seconds, peak RSS, exit status and
     the written files' PSNR (from the manifest)."""
-    for p in (out, Path(f"{out}.partial")):
+    for p in (out, Path(f"{out}.partial"), Path(f"{out}.umedkey.parts")):  # a fresh run, also after an interrupted one
         shutil.rmtree(p, ignore_errors=True)
     for p in (Path(f"{out}.umedkey"), Path(f"{out}.lock")):
         if p.is_dir():
