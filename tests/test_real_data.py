@@ -42,6 +42,7 @@ def test_protect_restore_real(name: str, tmp_path: Path) -> None:
             assert case["output"][0].endswith(".png")
 
 
+@pytest.mark.timeout(3600)  # UMed's full default fit: about 8 minutes on a loaded 2-core machine
 def test_dicom_ct_umed_defaults(tmp_path: Path) -> None:
     """The real DICOM CT (3 slices + DICOM-SEG of the liver) with UMed and no parameters: SimpleITK reads the written
     files as the same series (geometry and every element but PixelData unchanged), the change stays in the liver's
