@@ -38,10 +38,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import json
 import os
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -143,14 +145,38 @@ def init_process_group(device: str | torch.device | None = "auto") -> bool:
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank())
+    # torch.distributed.nn takes ``group.WORLD`` as the default argument of its functions, evaluated when it is
+    # first imported, and DistributedDataParallel imports it (through torch._dynamo) at its first construction.
+    # Imported after the group exists, it would hold the group until the process ends, so that _destroy could not
+    # free it; imported now, its defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
     dist.init_process_group(backend=backend, timeout=_timeout())
     atexit.register(_destroy)
     return True
 
 
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group at interpreter exit, and with it the backend's threads, while Python still runs.
+
+    gloo runs every collective on a worker thread, which may let go of a finished collective (and of its tensors)
+    only after the caller waiting for it has moved on. A tensor that Python dropped first is then freed by that
+    thread, which must take the GIL: if it gets the GIL only once the interpreter has begun to finalise, Python ends
+    the thread with ``pthread_exit``, whose unwinding through a C++ destructor calls ``std::terminate``, and a rank
+    that has done all its work aborts ("terminate called without an active exception", exit code -6) instead of
+    exiting 0. Only freeing the backend joins those threads, and ``destroy_process_group`` frees it only when nothing
+    else holds the group: hence the early import in :func:`init_process_group`, and the collection here of the
+    reference cycles that may still hold it (a ``DistributedDataParallel`` wrapper no longer used).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    me, group = rank(), weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()
+    if group() is not None:  # its threads outlive this handler: say why, should the exit abort
+        warnings.warn(f"rank {me}: the torch.distributed process group is still referenced after "
+                      "destroy_process_group() (a DistributedDataParallel model kept alive?); its worker threads may "
+                      "abort the interpreter's exit", RuntimeWarning, stacklevel=1)
 
 
 def is_distributed() -> bool:
