@@ -67,6 +67,7 @@ from monai_umed.evaluation.protocols import PROTOCOLS, victim_grid_dataset  # no
 from monai_umed.evaluation.report import fmt, markdown_table, write_json, write_markdown  # noqa: E402
 from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
 from monai_umed.intensity import parse_epsilon  # noqa: E402
+from monai_umed.networks.victims import VICTIMS  # noqa: E402
 
 
 def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", type=Path, help="MSD-style dataset folder with training and test lists")
     parser.add_argument("--methods", default="clean,noise", help="comma-separated: clean and protector names")
-    parser.add_argument("--victim", default="unet", choices=("unet", "swinunetr"))
+    parser.add_argument("--victim", default="unet", choices=VICTIMS)
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"victim epochs (default {DEFAULT_EPOCHS[2]} for 2D, {DEFAULT_EPOCHS[3]} for 3D)")
     parser.add_argument("--out", type=Path, default=Path("efficacy_out"), help="output folder")

@@ -46,7 +46,8 @@ def _apply(transforms, image, label=None):
 
 
 def test_parse_defaults_and_errors():
-    assert set(DEFENCES) == {"none", "gaussian_blur", "median", "jpeg", "grayscale", "strong_aug", "adv_train"}
+    assert set(DEFENCES) == {"none", "gaussian_blur", "median", "jpeg", "grayscale", "strong_aug", "adv_train", "bit_depth",
+                             "nnunet", "nnunet_spatial", "nnunet_intensity", "pattern_subtract"}
     assert get_defence("none").preprocess() == [] and get_defence("none").label == "none"
     d = get_defence("jpeg:quality=50")
     assert d.params["quality"] == 50 and d.label == "jpeg(quality=50)" and not d.at_test

@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from monai_umed.errors import InputError
+from monai_umed.evaluation.adaptive import PATTERN_DEFAULTS, subtract_pattern_list
 from monai_umed.evaluation.defences import DEFENCES, get_defence
 from monai_umed.evaluation.metrics import case_imperceptibility, read_native, summarise_imperceptibility
 from monai_umed.evaluation.protocols import PROTOCOLS, paper_training_list
+from monai_umed.evaluation.recipes import RECIPES, Recipe, get_recipe
 from monai_umed.evaluation.report import report_markdown, write_json, write_markdown
 from monai_umed.evaluation.report import versions as _versions
 from monai_umed.evaluation.train import (
@@ -157,7 +159,7 @@ def evaluate(
     Args:
         clean_dataset: the original MSD-style dataset (folder or dataset.json) with ``training`` and ``test``.
         protected_dataset: its protected copy (``training`` entries in the same order).
-        victim: ``unet`` or ``swinunetr``.
+        victim: one of :data:`~monai_umed.networks.victims.VICTIMS`.
         defences: defence specs (``none``, ``jpeg:quality=50``, ...), one row each; the first gives the top-level
             ``dice_clean``/``dice_protected``.
         epochs: training epochs (:data:`DEFAULT_EPOCHS` for the data's dimensionality when None).
@@ -253,7 +255,15 @@ def evaluate(
             config = config or cfg
             row: dict[str, Any] = {"defence": d.label, "defence_name": d.name, "defence_params": d.params}
             results = {}
-            for role, data in (("clean", clean_train), ("protected", prot_data)):
+            lists = {"clean": clean_train, "protected": prot_data}
+            if d.dataset_level:  # the attacker cleans each training list as a whole before training on it
+                for role in lists:
+                    _log(progress, f"{d.label}: estimating the shared pattern of the {role} training list")
+                    lists[role], pattern = subtract_pattern_list(lists[role], info["num_classes"], **{
+                        k: v for k, v in d.params.items() if k in PATTERN_DEFAULTS})
+                    row[f"pattern_{role}"] = {"period": pattern.period, "explained": pattern.explained,
+                                              "null_ratio": pattern.null_ratio}
+            for role, data in lists.items():
                 _log(progress, f"{role} victim: {victim}, defence {d.label}, {n_epochs} epochs, {len(data)} cases")
                 model, tinfo = train_victim(data, cfg, device=dev, cache_dir=cache_dir, use_cache=use_cache,
                                             progress=progress, description=f"{role} victim ({d.label})")
@@ -365,7 +375,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     p.add_argument("clean", help="the clean MSD-style dataset (folder or dataset.json) with training and test lists")
     p.add_argument("protected", help="its protected copy (same training list order)")
-    p.add_argument("--victim", choices=VICTIMS, default="unet", help="victim network (default unet)")
+    p.add_argument("--victim", choices=VICTIMS, default=None, help="victim network (default unet, or the recipe's)")
+    p.add_argument("--recipe", default=None, choices=tuple(RECIPES), metavar="NAME",
+                   help=f"a named training recipe of the attacker battery: {', '.join(RECIPES)} (sets the defence, "
+                   "victim, epochs and image size it names; options given explicitly win)")
     p.add_argument("--defence", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help=f"defence applied by the trainer, repeatable, one row each: {', '.join(DEFENCES)} "
                    "(default none), e.g. jpeg:quality=50")
@@ -383,7 +396,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--threads", default="auto", help="torch CPU threads (default auto: the idle cores)")
     p.add_argument("--batch-size", type=int, default=None, help="cases per batch (default 16 in 2D, 4 in 3D)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 unet, 5e-4 swinunetr)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-4 swinunetr, 1e-3 the others)")
     p.add_argument("--intensity", default="auto", choices=("auto", "scale", "zscore", "percentile", "none"),
                    help="victim intensity scaling (default auto: min/max in 2D, z-score in 3D)")
     p.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="N",
@@ -410,14 +423,15 @@ def run(args: argparse.Namespace) -> int:
     """Run ``monai-umed evaluate`` from parsed arguments; prints the Markdown summary and returns the exit code."""
     image_size = None if not args.image_size else (args.image_size[0] if len(args.image_size) == 1 else args.image_size)
     threads = args.threads if args.threads == "auto" else int(args.threads)
+    recipe = get_recipe(args.recipe) if args.recipe else Recipe("none")
     report = evaluate(
         args.clean,
         args.protected,
-        victim=args.victim,
-        defences=args.defence or ["none"],
-        epochs=args.epochs,
+        victim=args.victim or recipe.victim or "unet",
+        defences=args.defence or [recipe.defence],
+        epochs=args.epochs if args.epochs is not None else recipe.epochs,
         seed=args.seed,
-        image_size=image_size,
+        image_size=image_size if image_size is not None else recipe.image_size,
         device=args.device,
         report=args.report,
         figure=args.figure,

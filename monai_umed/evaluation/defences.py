@@ -24,6 +24,12 @@ jpeg           JPEG re-encoding (Pillow), 2D images with 1 or 3 channels only   
 grayscale      RGB -> luminance (ITU-R 601), replicated to 3 channels, RGB only                      yes
 strong_aug     elastic deformation, intensity scale/shift jitter and gamma, per sample    see below   no
 adv_train      L-inf PGD adversarial training in the victim's input space                 eps=eps/2   no
+bit_depth      intensities re-quantised to ``2 ** bits`` levels over the image's range    bits=4      no
+nnunet         nnU-Net v2's default augmentation (:mod:`~monai_umed.evaluation.nnunet_aug`) see there   no
+nnunet_spatial its spatial part only (rotation, scaling, elastic)                        see there   no
+nnunet_intens. ``nnunet_intensity``: its intensity and resolution part only              see there   no
+pattern_subt.  ``pattern_subtract``: an attacker who estimates a pattern shared by the       grid=128    no
+               training images and subtracts it first (:mod:`~monai_umed.evaluation.adaptive`)
 ============== ======================================================================== =========== ==========
 
 Deterministic defences (blur, median, JPEG, grayscale) transform the *native* image right after it is read, so
@@ -34,7 +40,9 @@ after intensity scaling (``elastic_prob=0.3``, ``jitter=0.1``, ``gamma=0.7-1.5``
 ``prob=0.5``). ``adv_train`` is applied by the training loop (:mod:`monai_umed.evaluation.train`): each batch is
 replaced by a PGD adversarial batch (``steps=3`` steps of ``alpha = 2.5 * eps / steps``), with ``eps`` stated in
 normalised ``[0, 1]`` units (default: half the protection budget) and scaled by each sample's intensity range in
-the victim's input space.
+the victim's input space. The ``nnunet`` family are random transforms too, and ask for nnU-Net's z-score
+normalisation (:attr:`Defence.intensity`); ``pattern_subtract`` works on the whole training list at once
+(:attr:`Defence.dataset_level`), so the judge applies it before the victim's pipeline.
 
 Example::
 
@@ -54,6 +62,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type
 
+from monai_umed.evaluation.adaptive import PATTERN_DEFAULTS, check_pattern_params
+from monai_umed.evaluation.nnunet_aug import NNUNET_DEFAULTS, nnunet_augment
 from monai_umed.intensity import parse_epsilon
 
 __all__ = [
@@ -67,12 +77,18 @@ __all__ = [
     "JpegCompressDict",
     "Grayscale",
     "Grayscaled",
+    "BitDepth",
+    "BitDepthd",
     "GrayscaleD",
     "GrayscaleDict",
 ]
 
 #: Names understood by :func:`get_defence`.
-DEFENCES = ("none", "gaussian_blur", "median", "jpeg", "grayscale", "strong_aug", "adv_train")
+DEFENCES = ("none", "gaussian_blur", "median", "jpeg", "grayscale", "strong_aug", "adv_train", "bit_depth", "nnunet",
+            "nnunet_spatial", "nnunet_intensity", "pattern_subtract")
+
+#: Defences whose random transforms are nnU-Net's (:func:`~monai_umed.evaluation.nnunet_aug.nnunet_augment`).
+_NNUNET_PART = {"nnunet": "all", "nnunet_spatial": "spatial", "nnunet_intensity": "intensity"}
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "none": {},
@@ -82,6 +98,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "grayscale": {"at_test": True},
     "strong_aug": {"prob": 0.5, "elastic_prob": 0.3, "jitter": 0.1, "gamma_lo": 0.7, "gamma_hi": 1.5},
     "adv_train": {"eps": None, "steps": 3, "alpha": None},
+    "bit_depth": {"bits": 4, "at_test": False},
+    **{name: dict(NNUNET_DEFAULTS) for name in _NNUNET_PART},
+    "pattern_subtract": dict(PATTERN_DEFAULTS),
 }
 
 
@@ -199,8 +218,52 @@ class Grayscaled(MapTransform):
         return d
 
 
+class BitDepth(Transform):
+    """Re-quantise intensities to ``2 ** bits`` levels (bit-depth reduction, "feature squeezing", Xu et al. 2018).
+
+    The image's range ``[min, max]`` is split into ``2 ** bits - 1`` equal steps and every value rounded to the
+    nearest level; the result is float32 in the image's own range (8-bit data with ``bits=4`` keeps 16 grey levels).
+
+    Args:
+        bits: 1..16.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, bits: int = 4) -> None:
+        if not 1 <= int(bits) <= 16:
+            raise ValueError(f"bit_depth needs 1 <= bits <= 16, got {bits}")
+        self.bits = int(bits)
+
+    def __call__(self, img: Any) -> Any:
+        x = torch.as_tensor(np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img),
+                            dtype=torch.float32)
+        lo, hi = x.min(), x.max()
+        steps = 2 ** self.bits - 1
+        scale = (hi - lo).clamp_min(1e-12) / steps
+        out = torch.round((x - lo) / scale) * scale + lo
+        return convert_to_dst_type(out, img, dtype=torch.float32)[0]
+
+
+class BitDepthd(MapTransform):
+    """Dictionary version of :class:`BitDepth`."""
+
+    backend = BitDepth.backend
+
+    def __init__(self, keys: KeysCollection, bits: int = 4, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.t = BitDepth(bits)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.t(d[key])
+        return d
+
+
 JpegCompressD = JpegCompressDict = JpegCompressd
 GrayscaleD = GrayscaleDict = Grayscaled
+BitDepthD = BitDepthDict = BitDepthd
 
 
 def _parse_value(text: str) -> Any:
@@ -236,7 +299,10 @@ class Defence:
     @property
     def label(self) -> str:
         """A short row label such as ``jpeg(quality=50)``."""
-        shown = {k: v for k, v in self.params.items() if k != "at_test" or v != _DEFAULTS[self.name].get(k)}
+        if self.name in _NNUNET_PART or self.dataset_level:  # many parameters: show what differs
+            shown = {k: v for k, v in self.params.items() if v != _DEFAULTS[self.name].get(k)}
+        else:
+            shown = {k: v for k, v in self.params.items() if k != "at_test" or v != _DEFAULTS[self.name].get(k)}
         if not shown:
             return self.name
         text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
@@ -250,6 +316,16 @@ class Defence:
     @property
     def adversarial(self) -> bool:
         return self.name == "adv_train"
+
+    @property
+    def dataset_level(self) -> bool:
+        """Whether the defence needs the whole training list at once (applied by the judge before the pipeline)."""
+        return self.name == "pattern_subtract"
+
+    @property
+    def intensity(self) -> str | None:
+        """The victim's intensity scaling the defence's recipe expects (``intensity="auto"`` picks it), or None."""
+        return "zscore" if self.name in _NNUNET_PART else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params), "label": self.label}
@@ -266,10 +342,14 @@ class Defence:
             return [JpegCompressd(keys, quality=int(self.params["quality"]))]
         if self.name == "grayscale":
             return [Grayscaled(keys)]
+        if self.name == "bit_depth":
+            return [BitDepthd(keys, bits=int(self.params["bits"]))]
         return []
 
     def augment(self, spatial_dims: int, image_key: str = "image", label_key: str = "label") -> list[Transform]:
-        """Random transforms added after intensity scaling (``strong_aug`` only)."""
+        """Random transforms added after intensity scaling (``strong_aug`` and the ``nnunet`` family)."""
+        if self.name in _NNUNET_PART:
+            return nnunet_augment(spatial_dims, _NNUNET_PART[self.name], image_key, label_key, **self.params)
         if self.name != "strong_aug":
             return []
         from monai.transforms import (
@@ -353,6 +433,12 @@ def get_defence(
             raise ValueError(f"median needs radius >= 1, got {params['radius']}")
         if name == "jpeg" and not 1 <= int(params["quality"]) <= 100:
             raise ValueError(f"jpeg needs 1 <= quality <= 100, got {params['quality']}")
+        if name == "bit_depth" and not 1 <= int(params["bits"]) <= 16:
+            raise ValueError(f"bit_depth needs 1 <= bits <= 16, got {params['bits']}")
+        if name in _NNUNET_PART:
+            nnunet_augment(2, _NNUNET_PART[name], **params)  # checks the values
+        if name == "pattern_subtract":
+            check_pattern_params(params)
         if "at_test" in params:
             params["at_test"] = bool(params["at_test"])
         d = Defence(name, params)

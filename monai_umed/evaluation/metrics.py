@@ -175,7 +175,8 @@ def summarise_imperceptibility(cases: Sequence[dict[str, Any]]) -> dict[str, Any
     """Dataset figures from per-case ones: means of finite PSNRs, mean SSIM, overall max |delta|.
 
     Returns:
-        ``psnr``, ``psnr_roi``, ``ssim`` (None when no case has a finite value), ``max_abs_delta`` (native units,
+        ``psnr``, ``psnr_min`` (the lowest finite case PSNR), ``psnr_roi``, ``ssim`` (None when no case has a finite
+        value), ``max_abs_delta`` (native units,
         the largest over cases: only comparable across cases of one dtype and scale), ``max_abs_delta_rel`` (the
         largest ``max |delta| / R``, unit-free), ``dtypes`` (cases per clean dtype), ``identical_cases`` (cases with
         no change at all) and ``cases`` (how many were compared).
@@ -186,6 +187,8 @@ def summarise_imperceptibility(cases: Sequence[dict[str, Any]]) -> dict[str, Any
             dtypes[c["dtype"]] = dtypes.get(c["dtype"], 0) + 1
     return {
         "psnr": _finite_mean([c["psnr"] for c in cases]),
+        "psnr_min": min((c["psnr"] for c in cases if c["psnr"] is not None and math.isfinite(c["psnr"])),
+                        default=None),
         "psnr_roi": _finite_mean([c["psnr_roi"] for c in cases]),
         "ssim": _finite_mean([c["ssim"] for c in cases]),
         "max_abs_delta": float(max((c["max_abs_delta"] for c in cases), default=0.0)),

@@ -118,7 +118,7 @@ class VictimConfig:
     """Everything that defines a victim's training (recorded in reports, part of the cache key).
 
     Attributes:
-        victim: ``unet`` or ``swinunetr``.
+        victim: one of :data:`~monai_umed.networks.victims.VICTIMS`.
         spatial_dims: 2 or 3.
         in_channels: image channels.
         num_classes: classes including background.
@@ -272,8 +272,8 @@ def make_config(
 ) -> VictimConfig:
     """Fill a :class:`VictimConfig` from :func:`describe_data` and the user's choices (None = default).
 
-    Defaults: batch 16 cases in 2D and 4 cases x 2 crops in 3D; Adam lr 1e-3 for ``unet`` and 5e-4 for
-    ``swinunetr``; the patch from :func:`~monai_umed.networks.victims.patch_size` (at most 96 per axis in 3D).
+    Defaults: batch 16 cases in 2D and 4 cases x 2 crops in 3D; Adam lr 5e-4 for ``swinunetr`` and 1e-3 for the
+    convolutional victims; the patch from :func:`~monai_umed.networks.victims.patch_size` (at most 96 per axis in 3D).
 
     Raises:
         ValueError: unknown victim or intensity, bad sizes or epochs.
@@ -283,8 +283,9 @@ def make_config(
     if int(epochs) < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     sd = info["spatial_dims"]
-    if intensity == "auto":
-        intensity = "scale" if sd == 2 else "zscore"
+    d = defence or get_defence("none")
+    if intensity == "auto":  # the defence's recipe first (nnU-Net z-scores), else min/max in 2D, z-score in 3D
+        intensity = d.intensity or ("scale" if sd == 2 else "zscore")
     if intensity not in ("scale", "zscore", "percentile", "none"):
         raise ValueError(f"unknown intensity scaling {intensity!r} (auto, scale, zscore, percentile, none)")
     size = _image_size(image_size, sd)
@@ -296,7 +297,6 @@ def make_config(
         patch = tuple(int(p) for p in patch)
         if len(patch) != sd:
             raise ValueError(f"patch {patch} does not fit {sd}D images")
-    d = defence or get_defence("none")
     return VictimConfig(
         victim=victim,
         spatial_dims=sd,
@@ -307,7 +307,7 @@ def make_config(
         epochs=int(epochs),
         batch_size=int(batch_size or (16 if sd == 2 else 4)),
         num_samples=int(num_samples or (1 if sd == 2 else 2)),
-        lr=float(lr if lr is not None else (1e-3 if victim == "unet" else 5e-4)),
+        lr=float(lr if lr is not None else (5e-4 if victim == "swinunetr" else 1e-3)),
         seed=int(seed),
         intensity=intensity,
         victim_params=params,

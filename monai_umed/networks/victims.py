@@ -11,7 +11,7 @@
 
 """Victim networks: the segmentation models an unauthorised trainer would use (METHODS.md section 4).
 
-Two MONAI networks, 2D or 3D through ``spatial_dims``:
+Four MONAI networks, 2D or 3D through ``spatial_dims``:
 
 - ``unet``: MONAI ``UNet``, 5 levels by default (channels 16-32-64-128-256, strides 2, instance norm), as in
   MONAI's tutorials but with one residual unit per level instead of two (half the cost on a CPU). Its inputs
@@ -19,6 +19,11 @@ Two MONAI networks, 2D or 3D through ``spatial_dims``:
 - ``swinunetr``: MONAI ``SwinUNETR`` (needs the ``einops`` package). Five stages of 2x downsampling: inputs must be
   multiples of 32 and, because its bottleneck's instance normalisation always uses the input's own statistics
   (in training and inference), the bottleneck must hold more than one voxel (at least one patch axis of 64 or more). ``feature_size`` 12 keeps it trainable on a CPU.
+- ``segresnet``: MONAI ``SegResNet`` (Myronenko 2018: residual encoder, light decoder), ``init_filters`` 8, encoder
+  blocks 1-2-2-4; inputs must be multiples of 8.
+- ``dynunet``: MONAI ``DynUNet``, nnU-Net's U-Net (two 3x3 convolutions per level, instance norm, leaky ReLU,
+  strided convolutions to downsample, transposed convolutions to upsample), 5 levels with filters 32-64-128-256-320
+  (nnU-Net's, capped at 320); inputs must be multiples of 16. Deep supervision is off (one output).
 
 :func:`patch_size` chooses a training patch from the data that satisfies those rules. Example::
 
@@ -37,7 +42,7 @@ import torch.nn as nn
 __all__ = ["VICTIMS", "victim_network", "size_multiple", "patch_size", "default_victim_params"]
 
 #: Victim names understood by :func:`victim_network`.
-VICTIMS = ("unet", "swinunetr")
+VICTIMS = ("unet", "swinunetr", "segresnet", "dynunet")
 
 
 def default_victim_params(name: str) -> dict[str, Any]:
@@ -46,6 +51,10 @@ def default_victim_params(name: str) -> dict[str, Any]:
         return {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 1, "norm": "instance"}
     if name == "swinunetr":
         return {"feature_size": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24]}
+    if name == "segresnet":
+        return {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
+    if name == "dynunet":
+        return {"filters": [32, 64, 128, 256, 320], "strides": [1, 2, 2, 2, 2], "norm_name": "instance"}
     raise ValueError(f"unknown victim {name!r}; choose one of {', '.join(VICTIMS)}")
 
 
@@ -53,15 +62,18 @@ def size_multiple(name: str, params: dict[str, Any] | None = None) -> int:
     """The number every spatial input size of the victim must be a multiple of.
 
     Args:
-        name: ``unet`` or ``swinunetr``.
-        params: constructor parameters (for ``unet`` the ``strides`` decide it).
+        name: one of :data:`VICTIMS`.
+        params: constructor parameters (for ``unet`` and ``dynunet`` the ``strides`` decide it, for ``segresnet``
+            the number of encoder stages).
 
     Raises:
         ValueError: unknown victim.
     """
     p = {**default_victim_params(name), **(params or {})}
-    if name == "unet":
+    if name in ("unet", "dynunet"):
         return int(np.prod([int(s) for s in p["strides"]]))
+    if name == "segresnet":
+        return 2 ** (len(p["blocks_down"]) - 1)
     return 32
 
 
@@ -75,7 +87,7 @@ def victim_network(
     """Build a victim network.
 
     Args:
-        name: ``unet`` or ``swinunetr``.
+        name: one of :data:`VICTIMS`.
         spatial_dims: 2 or 3.
         in_channels: image channels (3 for RGB, 1 for MRI/CT).
         out_channels: classes including background (at least 2; softmax outputs).
@@ -104,6 +116,22 @@ def victim_network(
             strides=tuple(p.pop("strides")),
             **p,
         )
+    if name == "segresnet":
+        from monai.networks.nets import SegResNet
+
+        return SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                         init_filters=int(p.pop("init_filters")), blocks_down=tuple(p.pop("blocks_down")),
+                         blocks_up=tuple(p.pop("blocks_up")), **p)
+    if name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        strides = [int(v) for v in p.pop("strides")]
+        # nnU-Net's rule: 3x3(x3) kernels everywhere, each upsampling undoes one downsampling
+        return DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                       kernel_size=[3] * len(strides), strides=strides, upsample_kernel_size=strides[1:],
+                       filters=[int(v) for v in p.pop("filters")], **p)
+    if name != "swinunetr":
+        raise ValueError(f"unknown victim {name!r}; choose one of {', '.join(VICTIMS)}")
     try:
         import einops  # noqa: F401  (SwinUNETR fails only at its first forward pass without it)
     except ImportError as e:
@@ -135,7 +163,7 @@ def patch_size(
     largest median size is rounded *up* instead.
 
     Args:
-        name: ``unet`` or ``swinunetr``.
+        name: one of :data:`VICTIMS`.
         shapes: spatial shapes of the training images (after any resizing the victim does).
         params: victim constructor parameters.
         max_size: upper bound per axis (rounded down to the multiple), e.g. 96 to bound 3D memory.
