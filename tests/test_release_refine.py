@@ -469,3 +469,36 @@ def test_the_tile_is_fitted_on_one_texture_bound_and_written_on_another():
     old = UMedProtector().load_state_dict(state)
     assert old.tile_bound == "fit" and torch.equal(old.perturbation(s["image"], s["label"], s["case_id"]),
                                                    fitted.perturbation(s["image"], s["label"], s["case_id"]))
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_view_augment_is_seeded_differentiable_and_moves_labels_with_images(sd):
+    from monai_umed.protectors.release_augment import ViewAugment
+
+    a = ViewAugment(p_spatial=1.0, p_intensity=1.0)
+    y = torch.zeros((3, 1) + (24,) * sd, dtype=torch.long)
+    y[(slice(None), 0) + (slice(6, 18),) * sd] = 1
+    x = (y.float() * 0.5 + 0.25).repeat(1, 2, *[1] * sd).requires_grad_(True)
+    xa, ya = a(x, y, torch.Generator().manual_seed(1))
+    xb, yb = a(x, y, torch.Generator().manual_seed(1))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and ya.dtype == torch.long
+    assert set(torch.unique(ya).tolist()) <= {0, 1} and not torch.equal(ya, y)  # the label was moved too
+    xa.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0 and torch.isfinite(xa).all()
+    # rotating 0 and scaling by 1 leaves the geometry alone
+    still = ViewAugment(rotate=0.0, scale=(1.0, 1.0), p_spatial=1.0, p_intensity=0.0)
+    xs, ys = still(x.detach(), y, torch.Generator().manual_seed(0))
+    assert torch.equal(ys, y) and torch.allclose(xs, x.detach(), atol=1e-5)
+
+
+def test_release_augment_parameter_reaches_the_path_and_the_key():
+    from monai_umed.protectors.release_augment import ViewAugment
+
+    p = UMedProtector(**{**FAST, "release_augment": "nnunet", "refine_tile": 4, "distil_epochs": 0})
+    assert isinstance(p._release_path(2).augment, ViewAugment)
+    assert UMedProtector(**FAST)._release_path(2).augment is None
+    with pytest.raises(ValueError, match="release_augment"):
+        UMedProtector(**{**FAST, "release_augment": "everything"})
+    p.fit(_samples(n=4), progress=False)
+    q = UMedProtector().load_state_dict(p.state_dict())
+    assert q.release_augment == "nnunet" and q.params()["release_augment"] == "nnunet"

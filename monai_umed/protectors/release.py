@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,9 @@ class ReleasePath:
         rot90: random 90-degree rotations in the first two spatial axes (when square).
         jitter: mild intensity jitter: a gain in ``[1 - jitter, 1 + jitter]`` and an offset in
             ``[-jitter / 2, jitter / 2]`` after normalisation, per image.
+        augment: further random transforms of the view, ``augment(x, y, generator) -> (x, y)``, applied last
+            (e.g. :class:`~monai_umed.protectors.release_augment.ViewAugment`, a strong trainer's augmentation);
+            None: none.
     """
 
     grids: Sequence[int] = field(default_factory=tuple)
@@ -146,6 +149,7 @@ class ReleasePath:
     flips: bool = True
     rot90: bool = True
     jitter: float = 0.0
+    augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.normalise not in ("minmax", "zscore", "random", "none"):
@@ -221,5 +225,7 @@ class ReleasePath:
             gain = (1 + self.jitter * (2 * u[0] - 1)).view(b, *([1] * (x.ndim - 1)))
             offset = (self.jitter * (u[1] - 0.5)).view(b, *([1] * (x.ndim - 1)))
             x = x * gain + offset
+        if self.augment is not None:
+            x, y = self.augment(x, y, generator)
         return x, y
 

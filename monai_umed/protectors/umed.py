@@ -96,6 +96,7 @@ from monai_umed.protectors.refine import (
 )
 from monai_umed.protectors.refine_window import Windowed, as_window, auto_window, crop, footprint_box, paste
 from monai_umed.protectors.release import gaussian_blur
+from monai_umed.protectors.release_augment import as_release_augment
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
 from monai_umed.protectors.umed_maps import UMedBudgetMaps
 from monai_umed.protectors.umed_release import UMedReleaseStage
@@ -215,6 +216,9 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         release_normalise: the trainer's intensity normalisation in the release path (``auto``: ``minmax`` in 2D,
             ``zscore`` in 3D; or ``random``, ``none``).
         release_jitter: mild intensity jitter in the release path (gain ``1 +- j``, offset ``+- j / 2``).
+        release_augment: a strong trainer's augmentation in the release path
+            (:mod:`~monai_umed.protectors.release_augment`): ``none`` or ``nnunet`` (rotation, scaling, noise, blur,
+            brightness, contrast, low resolution, gamma, so the perturbation survives nnU-Net-style training).
         spatial_dims: 2 or 3 (inferred from the data when None).
         seed: run seed (initialisation, patch sampling, augmentation).
         device: ``auto`` | ``cpu`` | ``cuda``.
@@ -279,6 +283,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         victim_grids: Any = "auto",
         release_normalise: str = "auto",
         release_jitter: float = 0.0,
+        release_augment: str = "none",
         spatial_dims: int | None = None,
         seed: int = 0,
         device: str | torch.device | None = "auto",
@@ -360,6 +365,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         self.victim_grids: Any = as_victim_grids(victim_grids)
         self.release_normalise = str(release_normalise)
         self.release_jitter = float(release_jitter)
+        self.release_augment = as_release_augment(release_augment)
         self._refine_settings(2)  # validates the refinement parameters
         self._release_path(2)
         self.refiner: ReleaseRefiner | None = None
@@ -913,6 +919,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
             "release_jitter": self.release_jitter,
+            "release_augment": self.release_augment,
             "spatial_dims": self.spatial_dims,
         }
 
@@ -956,7 +963,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                 setattr(self, key, None if p[key] is None else tuple(int(v) for v in p[key]))
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
-                    "release_jitter", "refine_step_fraction", "refine_tile",
+                    "release_jitter", "release_augment", "refine_step_fraction", "refine_tile",
                     "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "tile_bound",
                     "refine_window"):
             if key in p:
@@ -971,6 +978,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             self.refine_tile, self.refine_tile_classwise = 0, False
         if "refine_window" not in p:  # a state written before windows existed refined and protected cases whole
             self.refine_window = 0
+        if "release_augment" not in p:  # a state written before it existed fitted through flips and rotations only
+            self.release_augment = "none"
         self.windows = {str(k): (tuple(int(v) for v in a), tuple(int(v) for v in b))
                         for k, (a, b) in dict(state.get("refine_windows") or {}).items()}
         self._levels_resolved = int(state.get("levels", 0))
