@@ -495,10 +495,42 @@ def test_release_augment_parameter_reaches_the_path_and_the_key():
     from monai_umed.protectors.release_augment import ViewAugment
 
     p = UMedProtector(**{**FAST, "release_augment": "nnunet", "refine_tile": 4, "distil_epochs": 0})
-    assert isinstance(p._release_path(2).augment, ViewAugment)
+    assert isinstance(p._release_path(2).augment, ViewAugment) and p._release_path(2).compress is None
+    assert UMedProtector(**{**FAST, "release_augment": "nnunet_jpeg"})._release_path(2).compress is not None
     assert UMedProtector(**FAST)._release_path(2).augment is None
     with pytest.raises(ValueError, match="release_augment"):
         UMedProtector(**{**FAST, "release_augment": "everything"})
     p.fit(_samples(n=4), progress=False)
     q = UMedProtector().load_state_dict(p.state_dict())
     assert q.release_augment == "nnunet" and q.params()["release_augment"] == "nnunet"
+
+
+def test_soft_jpeg_follows_pillow_and_passes_gradients():
+    import io
+
+    from PIL import Image
+
+    from monai_umed.protectors.release_jpeg import JpegAugment, jpeg_soft
+
+    rng = np.random.RandomState(0)
+    im, _ = create_test_image_2d(64, 64, num_objs=4, rad_max=12, noise_max=0.3, random_state=rng)
+    rgb = np.clip(np.stack([im * 200 + 20, im * 120 + 60, im * 60 + 90], -1), 0, 255).astype(np.uint8)
+    for q in (30, 75):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=q)
+        ref = np.asarray(Image.open(buf).convert("RGB")).astype(np.float64)
+        x = torch.tensor(rgb).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+        out = jpeg_soft(x, q)
+        ours = out[0].detach().permute(1, 2, 0).numpy() * 255
+        # close to libjpeg's result, much closer than the image is to its re-encoding
+        assert np.sqrt(np.mean((ours - ref) ** 2)) < 0.5 * np.sqrt(np.mean((rgb - ref) ** 2))
+        out.sum().backward()
+        assert float(x.grad.abs().sum()) > 0
+    gray = torch.rand(2, 1, 20, 28)
+    assert jpeg_soft(gray, 50).shape == gray.shape
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        jpeg_soft(torch.rand(1, 2, 16, 16), 50)
+    aug = JpegAugment(p=1.0)
+    assert torch.equal(aug(gray, torch.Generator().manual_seed(0)), aug(gray, torch.Generator().manual_seed(0)))
+    vol = torch.rand(1, 1, 8, 8, 8)
+    assert aug(vol, torch.Generator()) is vol

@@ -142,6 +142,8 @@ class ReleasePath:
         augment: further random transforms of the view, ``augment(x, y, generator) -> (x, y)``, applied last
             (e.g. :class:`~monai_umed.protectors.release_augment.ViewAugment`, a strong trainer's augmentation);
             None: none.
+        compress: a lossy re-encoding of the written images, ``compress(written, generator)``, applied first
+            (e.g. :class:`~monai_umed.protectors.release_jpeg.JpegAugment`); None: none.
     """
 
     grids: Sequence[int] = field(default_factory=tuple)
@@ -150,6 +152,7 @@ class ReleasePath:
     rot90: bool = True
     jitter: float = 0.0
     augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    compress: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.normalise not in ("minmax", "zscore", "random", "none"):
@@ -208,6 +211,8 @@ class ReleasePath:
             ``(x, y)`` on the victim grid, normalised and augmented identically.
         """
         shape = tuple(shape) if shape is not None else self.grid(written.shape[2:], generator)
+        if self.compress is not None:
+            written = self.compress(written, generator)
         x = self._normalise(antialias_resize(written, shape), generator)
         y = self.labels(y, shape)
         sd = x.ndim - 2

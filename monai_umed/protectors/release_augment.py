@@ -21,7 +21,8 @@ down, linear up) and gamma with the image's statistics kept. Every step is diffe
 (nearest sampling passes gradients to the pixels it picks), so the refinement's PGD steps see the expectation over
 this family. The probabilities are higher than nnU-Net's defaults, so that every batch carries transformed views.
 
-All randomness comes from the ``torch.Generator`` passed in (CPU), one draw sequence per call.
+``jpeg`` adds :class:`~monai_umed.protectors.release_jpeg.JpegAugment` (a differentiable JPEG of the written image,
+quality 30-90, half of the batches) before the victim's resize. All randomness comes from the ``torch.Generator`` passed in (CPU), one draw sequence per call.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_umed.protectors.release import gaussian_blur
+from monai_umed.protectors.release_jpeg import JpegAugment
 
 __all__ = ["ViewAugment", "RELEASE_AUGMENTS", "as_release_augment"]
 
@@ -136,8 +138,13 @@ class ViewAugment:
         return self.intensity(x, g), y
 
 
-#: Named release-path augmentations (the UMed / EM / SALM parameter ``release_augment``).
-RELEASE_AUGMENTS: dict[str, ViewAugment | None] = {"none": None, "nnunet": ViewAugment()}
+#: Named release-path augmentations (the UMed parameter ``release_augment``): ``(view augmentation, compression)``.
+RELEASE_AUGMENTS: dict[str, tuple[ViewAugment | None, JpegAugment | None]] = {
+    "none": (None, None),
+    "nnunet": (ViewAugment(), None),
+    "jpeg": (None, JpegAugment()),
+    "nnunet_jpeg": (ViewAugment(), JpegAugment()),
+}
 
 
 def as_release_augment(value: Any) -> str:

@@ -217,8 +217,9 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             ``zscore`` in 3D; or ``random``, ``none``).
         release_jitter: mild intensity jitter in the release path (gain ``1 +- j``, offset ``+- j / 2``).
         release_augment: a strong trainer's augmentation in the release path
-            (:mod:`~monai_umed.protectors.release_augment`): ``none`` or ``nnunet`` (rotation, scaling, noise, blur,
-            brightness, contrast, low resolution, gamma, so the perturbation survives nnU-Net-style training).
+            (:mod:`~monai_umed.protectors.release_augment`): ``none``, ``nnunet`` (rotation, scaling, noise, blur,
+            brightness, contrast, low resolution, gamma, so the perturbation survives nnU-Net-style training),
+            ``jpeg`` (a differentiable JPEG re-encoding of the written image) or ``nnunet_jpeg`` (both).
         spatial_dims: 2 or 3 (inferred from the data when None).
         seed: run seed (initialisation, patch sampling, augmentation).
         device: ``auto`` | ``cpu`` | ``cuda``.

@@ -100,8 +100,8 @@ class UMedReleaseStage:
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
         norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
-        return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter,
-                           augment=RELEASE_AUGMENTS[self.release_augment])
+        augment, compress = RELEASE_AUGMENTS[self.release_augment]
+        return ReleasePath(grids=grids, normalise=norm, jitter=self.release_jitter, augment=augment, compress=compress)
 
     def _new_refiner(self, sd: int, channels: int, num_classes: int) -> ReleaseRefiner:
         return build_refiner(sd, channels, num_classes, self._release_path(sd), self._refine_settings(sd),
