@@ -9,7 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""The ``monai-umed`` command: protect, restore, verify, demo, methods (and evaluate, from the evaluation package).
+"""The ``monai-umed`` command: protect, restore, verify, demo, methods (and evaluate and check, from the evaluation
+package).
 
 Bad input ends with one line ``monai-umed: error: <file>: <cause>`` on stderr and exit code 2.
 """
@@ -32,7 +33,7 @@ from monai_umed.errors import InputError
 __all__ = ["main", "build_parser", "parse_param"]
 
 # sub-commands that live with their feature; each module exposes add_command(subparsers)
-_EXTRA_COMMANDS = ("monai_umed.evaluation.command",)
+_EXTRA_COMMANDS = ("monai_umed.evaluation.command", "monai_umed.evaluation.check")
 _FRACTION = re.compile(r"^\s*-?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
 
 
