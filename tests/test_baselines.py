@@ -63,7 +63,7 @@ def _fitted(name: str, kind: str, seed: int = 0):
 def _check_budget(delta: torch.Tensor, image: torch.Tensor) -> None:
     assert delta.shape == image.shape and delta.dtype == torch.float32
     assert torch.isfinite(delta).all()
-    assert float(delta.abs().max()) <= EPS
+    assert float(delta.abs().max()) <= EPS + 1e-7  # float32 rounding of 8/255; the written levels are checked below
     stored = np.round(image.numpy() * 255).astype(np.uint8)
     mapping = compute_mapping(stored, "dtype")
     protected, dq = quantise(stored, delta.numpy(), mapping, EPS)

@@ -197,7 +197,7 @@ def test_tile_maps_rewrites_salms_fitted_tile_on_the_texture_bound(tmp_path, cap
     data = _write_2d(tmp_path / "data", n_train=4, n_test=1, size=32, ext=".png")
     params = dict(epochs=1, steps=2, batch_size=4, surrogate_channels=[4, 8], work_size=16, release=True,
                   refine_rounds=1, refine_pgd=1, victim_grids=[16], refine_size=16, refine_tile=2,
-                  refine_tile_background=False, min_psnr=50)
+                  refine_tile_background=False, min_psnr=50, refine_texture=None)
     protect_dataset(data, tmp_path / "fitted", method="salm", params=params, split="training",
                     key=tmp_path / "fitted.umedkey", seed=0, device="cpu")
     tm = _bench("tile_maps")

@@ -32,6 +32,8 @@ FLOOR = 55.0  # dB: binding for EM and for SALM on this data
 TINY = {"steps": 2, "batch_size": 3, "surrogate_channels": (4, 8), "work_size": 16, "epochs": 1, "release": True,
         "victim_grids": [16], "refine_rounds": 2, "refine_surrogate_epochs": 1, "refine_pgd": 2, "refine_size": 16,
         "seed": 0, "device": "cpu"}
+# the per-case release stage on the whole mask (SALM's defaults lay a shared tile on a texture bound instead)
+PER_CASE = {"refine_tile": 0, "refine_texture": None}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +53,7 @@ def _data(n: int = 6) -> list[dict]:
 
 @lru_cache(maxsize=None)
 def _fitted(name: str, min_psnr: float | None = None) -> protectors.Protector:
-    return protectors.get(name, epsilon=EPS, min_psnr=min_psnr, **TINY).fit(_data(), progress=False)
+    return protectors.get(name, epsilon=EPS, min_psnr=min_psnr, **TINY, **PER_CASE).fit(_data(), progress=False)
 
 
 def _written(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -97,7 +99,7 @@ def test_min_psnr_holds_per_case_on_the_rounded_values(name: str) -> None:
 def test_release_fit_is_deterministic_and_a_key_rebuilds_it(name: str) -> None:
     data = _data()
     a = _fitted(name)
-    b = protectors.get(name, epsilon=EPS, **TINY).fit(data, progress=False)
+    b = protectors.get(name, epsilon=EPS, min_psnr=None, **TINY, **PER_CASE).fit(data, progress=False)
     assert a.refiner.deltas.keys() == b.refiner.deltas.keys()
     for cid in a.refiner.deltas:
         assert torch.equal(a.refiner.deltas[cid], b.refiner.deltas[cid])
@@ -145,7 +147,8 @@ def test_salm_shared_tile_lies_on_its_sparse_mask_and_serves_unseen_cases() -> N
     """``refine_tile``: one class-wise tile shared by every case (UMed's SharedTileRefiner), laid on SALM's mask."""
     from monai_umed.protectors.refine_shared import SharedTileRefiner, tile_pattern
 
-    p = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, **TINY).fit(_data(), progress=False)
+    p = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_texture=None, **TINY).fit(
+        _data(), progress=False)
     assert isinstance(p.refiner, SharedTileRefiner) and p.refiner.classwise
     assert tuple(p.refiner.pattern.shape) == (2, 3, 2, 2) and p.refiner.pattern.abs().max() > 0
     for s in _data() + [_case(7)]:  # the last case was not seen in fit: it gets the fitted tile itself
@@ -167,10 +170,10 @@ def test_salm_shared_tile_lies_on_its_sparse_mask_and_serves_unseen_cases() -> N
     assert isinstance(q.refiner, SharedTileRefiner) and q.params()["refine_tile"] == 2
     s = _case(7)
     assert torch.equal(q.perturbation(s["image"], s["label"], "c7"), p.perturbation(s["image"], s["label"], "c7"))
-    assert protectors.get("salm").refine_tile == 0
+    assert protectors.get("salm").refine_tile == "auto" and protectors.get("em").refine_tile == 0
     # refine_tile_background=False: no tile on the background class, every perturbed pixel is near a label
     fg = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_tile_background=False,
-                        **TINY).fit(_data(), progress=False)
+                        refine_texture=None, **TINY).fit(_data(), progress=False)
     assert not fg.refiner.background and fg.refiner.pattern[0].abs().max() == 0
     for s in _data() + [_case(7)]:
         d = fg.perturbation(s["image"], s["label"], s["case_id"])
@@ -188,7 +191,7 @@ def test_refine_texture_lays_the_tile_on_the_texture_bound_inside_the_footprint(
     assert p.params()["refine_texture"] == [0.0, 0.25, 0.95]
     # the tile is fitted on the sparse mask alone and only laid on the texture bound
     plain = protectors.get("salm", epsilon=EPS, min_psnr=FLOOR, refine_tile=2, refine_tile_background=False,
-                           **TINY).fit(_data(), progress=False)
+                           refine_texture=None, **TINY).fit(_data(), progress=False)
     assert torch.equal(plain.refiner.pattern, p.refiner.pattern)
     for s in _data() + [_case(7)]:  # the last case was not seen in fit
         x, y, cid = s["image"], s["label"], s["case_id"]
@@ -271,7 +274,7 @@ def test_resident_working_set_gives_the_same_release_fit(name: str, monkeypatch)
     ref = _fitted(name, FLOOR)
     monkeypatch.setattr(pgd, "working_set_on", lambda *a, **k: True)
     monkeypatch.setattr(refine, "working_set_on", lambda *a, **k: True)
-    p = protectors.get(name, epsilon=EPS, min_psnr=FLOOR, **TINY).fit(_data(), progress=False)
+    p = protectors.get(name, epsilon=EPS, min_psnr=FLOOR, **TINY, **PER_CASE).fit(_data(), progress=False)
     assert p.refiner.history == ref.refiner.history and p.progress_state == ref.progress_state
     for table in ("deltas", "masks"):
         mine, theirs = getattr(p, table, {}), getattr(ref, table, {})

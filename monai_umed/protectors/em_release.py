@@ -161,6 +161,7 @@ class EMReleaseStage:
         missing ones keep their current values)."""
         p = dict(params)
         if not any(k in p for k in RELEASE_PARAMS):
+            self.release = False  # a state from before the release stage (SALM's defaults now turn it on)
             return
         self.release = as_bool(p.get("release", self.release))
         self.min_psnr = p.get("min_psnr", self.min_psnr)
