@@ -36,6 +36,7 @@ from monai_umed.errors import InputError
 from monai_umed.evaluation.adaptive import PATTERN_DEFAULTS, subtract_pattern_list
 from monai_umed.evaluation.defences import DEFENCES, get_defence
 from monai_umed.evaluation.metrics import case_imperceptibility, read_native, summarise_imperceptibility
+from monai_umed.evaluation.nnunet import NNUNET, judge_nnunet, make_schedule
 from monai_umed.evaluation.protocols import PROTOCOLS, paper_training_list
 from monai_umed.evaluation.recipes import RECIPES, Recipe, get_recipe
 from monai_umed.evaluation.report import report_markdown, write_json, write_markdown
@@ -50,13 +51,20 @@ from monai_umed.evaluation.train import (
     train_victim,
 )
 from monai_umed.networks.victims import VICTIMS
+from monai_umed.nnunet import CPU_MAX_BATCH, SHORT_EPOCHS, SHORT_ITERATIONS
 
-__all__ = ["evaluate", "add_command", "run", "DEFAULT_EPOCHS", "pair_training_lists", "imperceptibility"]
+__all__ = [
+    "evaluate", "add_command", "run", "DEFAULT_EPOCHS", "JUDGE_VICTIMS", "pair_training_lists", "imperceptibility",
+]
 
 #: Default epochs per spatial dimensionality. A judge must be competent (METHODS.md 4.8): 30 epochs bring the 2D
 #: UNet to clean Dice >= 0.72 on Kvasir-SEG at 128 px (10 epochs left it at 0.64, which hides or exaggerates
 #: protection); see docs/evaluation.md for the measured epoch times.
 DEFAULT_EPOCHS = {2: 30, 3: 8}
+
+#: The victims the judge trains: the MONAI networks, and nnU-Net v2 run as its users run it
+#: (:mod:`~monai_umed.evaluation.nnunet`).
+JUDGE_VICTIMS = (*VICTIMS, NNUNET)
 
 
 def _stem(path: str) -> str:
@@ -153,16 +161,23 @@ def evaluate(
     protocol: str = "release",
     key: str | os.PathLike | None = None,
     max_train: int | None = None,
+    nnunet_dir: str | os.PathLike | None = None,
+    nnunet_iterations: int | None = None,
+    nnunet_val_iterations: int | None = None,
+    nnunet_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Judge a protected dataset: victims trained on protected and clean files, Dice on clean test images.
 
     Args:
         clean_dataset: the original MSD-style dataset (folder or dataset.json) with ``training`` and ``test``.
         protected_dataset: its protected copy (``training`` entries in the same order).
-        victim: one of :data:`~monai_umed.networks.victims.VICTIMS`.
+        victim: one of :data:`JUDGE_VICTIMS`: a MONAI network of :data:`~monai_umed.networks.victims.VICTIMS`, or
+            ``nnunet`` (nnU-Net v2's own planning, preprocessing, training and prediction on a short schedule; see
+            :mod:`~monai_umed.evaluation.nnunet`).
         defences: defence specs (``none``, ``jpeg:quality=50``, ...), one row each; the first gives the top-level
             ``dice_clean``/``dice_protected``.
-        epochs: training epochs (:data:`DEFAULT_EPOCHS` for the data's dimensionality when None).
+        epochs: training epochs (:data:`DEFAULT_EPOCHS` for the data's dimensionality when None; for ``nnunet``
+            nnU-Net's epochs, :data:`~monai_umed.nnunet.SHORT_EPOCHS` when None).
         seed: seeds weights, shuffling and augmentation (the same for every victim).
         image_size: size the victim resizes every image to (an int for all axes, or one per axis); None keeps the
             native sizes.
@@ -188,6 +203,13 @@ def evaluate(
         key: the protected copy's restoration key (``paper`` only; default ``PROTECTED.umedkey`` beside it).
         max_train: train both victims on the first ``max_train`` training cases only (the same cases of the same
             protected copy: e.g. a bigger victim judged on part of a copy protected as a whole).
+        nnunet_dir: ``nnunet`` only: nnU-Net's work folder (default ``nnunet/`` beside the report, else a temporary
+            folder).
+        nnunet_iterations: ``nnunet`` only: training iterations per epoch (default
+            :data:`~monai_umed.nnunet.SHORT_ITERATIONS`).
+        nnunet_val_iterations: ``nnunet`` only: validation iterations per epoch (default a fifth of the iterations).
+        nnunet_batch_size: ``nnunet`` only: images per batch (default nnU-Net's plan, capped at
+            :data:`~monai_umed.nnunet.CPU_MAX_BATCH` on a CPU).
 
     Returns:
         The report (see :data:`~monai_umed.evaluation.report.REPORT_KEYS`).
@@ -196,10 +218,17 @@ def evaluate(
         InputError: unreadable or mismatched datasets, a bad option, or a defence that does not fit the data.
     """
     t0 = time.perf_counter()
-    if victim not in VICTIMS:
-        raise InputError(f"unknown victim {victim!r}; choose one of {', '.join(VICTIMS)}")
+    if victim not in JUDGE_VICTIMS:
+        raise InputError(f"unknown victim {victim!r}; choose one of {', '.join(JUDGE_VICTIMS)}")
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if victim == NNUNET:
+        # nnU-Net trains on files with its own pipeline: no in-memory paper images, no defence of the MONAI recipe
+        if protocol != "release":
+            raise InputError("the nnunet victim trains on the written files: use --protocol release")
+        if any(str(d).split(":")[0].strip() != "none" for d in (defences or ("none",))):
+            raise InputError("defences belong to the MONAI victims' recipe; the nnunet victim trains with nnU-Net's "
+                             "own augmentation (defence none)")
     old_threads = torch.get_num_threads()
     n_threads = resolve_threads(threads)
     torch.set_num_threads(n_threads)
@@ -221,7 +250,11 @@ def evaluate(
                      for s in (defences or ("none",))]
         except ValueError as e:
             raise InputError(str(e)) from e
-        n_epochs = int(epochs) if epochs is not None else DEFAULT_EPOCHS[info["spatial_dims"]]
+        if victim == NNUNET:
+            schedule = make_schedule(epochs, nnunet_iterations, nnunet_val_iterations, nnunet_batch_size)
+            n_epochs = schedule.epochs
+        else:
+            n_epochs = int(epochs) if epochs is not None else DEFAULT_EPOCHS[info["spatial_dims"]]
         dev = resolve_device(device)
         _log(progress, f"imperceptibility of {len(pairs)} protected training files")
         imp = imperceptibility(pairs, progress=progress)
@@ -244,8 +277,8 @@ def evaluate(
             imp["paper_psnr"] = float(np.mean(psnrs)) if psnrs else float("inf")
             imp["paper_psnr_min"] = float(np.min(psnrs)) if psnrs else float("inf")
         rows, figure_data = [], None
-        config = None
-        for d in specs:
+        config, nnunet_info = None, None
+        for d in (specs if victim != NNUNET else ()):  # nnU-Net: below, with its own pipeline
             try:
                 cfg = make_config(victim, info, n_epochs, seed=seed, image_size=image_size, defence=d,
                                   batch_size=batch_size, lr=lr, intensity=intensity, victim_params=victim_params,
@@ -283,6 +316,20 @@ def evaluate(
             rows.append(row)
             if figure and figure_data is None:
                 figure_data = (results["clean"], results["protected"])
+        if victim == NNUNET:
+            _log(progress, f"nnU-Net v2 victims: {schedule.epochs} epochs x {schedule.iterations} iterations, "
+                           f"{len(clean_train)} cases")
+            judged = judge_nnunet(clean_dataset, clean_train, prot_train, test, info, schedule, device=dev,
+                                  threads=n_threads, seed=seed, image_size=image_size, nnunet_dir=nnunet_dir,
+                                  report=report, use_cache=use_cache, keep=figure_cases if figure else 0,
+                                  progress=progress)
+            rows = [judged["row"]]
+            figure_data = (judged["results"]["clean"], judged["results"]["protected"])
+            nnunet_info = judged["nnunet"]
+            config_dict, grid = judged["config"], judged["config"]["image_size"]
+        else:
+            config_dict = {k: v for k, v in config.to_dict().items() if k != "defence"}
+            grid = None if config.image_size is None else list(config.image_size)
         first = rows[0]
         out: dict[str, Any] = {
             "dice_clean": first["dice_clean"],
@@ -302,12 +349,11 @@ def evaluate(
             "defences": [r["defence"] for r in rows],
             "epochs": n_epochs,
             "seed": int(seed),
-            "image_size": None if config.image_size is None else list(config.image_size),
+            "image_size": grid,
             "rows": rows,
             "imperceptibility": imp,
-            "config": {**{k: v for k, v in config.to_dict().items() if k != "defence"}, "device": str(dev),
-                       "threads": n_threads, "test_key": test_key, "epsilon": float(epsilon),
-                       "use_cache": bool(use_cache)},
+            "config": {**config_dict, "device": str(dev), "threads": n_threads, "test_key": test_key,
+                       "epsilon": float(epsilon), "use_cache": bool(use_cache)},
             "datasets": {"clean": str(Path(clean_dataset).resolve()),
                          "protected": str(Path(protected_dataset).resolve()),
                          "train_cases": len(clean_train), "test_cases": len(test),
@@ -315,6 +361,9 @@ def evaluate(
                          "num_classes": info["num_classes"]},
             "versions": _versions(),
         }
+        if nnunet_info is not None:
+            out["nnunet"] = nnunet_info
+            out["versions"]["nnunetv2"] = nnunet_info["nnunetv2"]
         if figure:
             from monai_umed.evaluation.figure import draw_figure
 
@@ -375,7 +424,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     p.add_argument("clean", help="the clean MSD-style dataset (folder or dataset.json) with training and test lists")
     p.add_argument("protected", help="its protected copy (same training list order)")
-    p.add_argument("--victim", choices=VICTIMS, default=None, help="victim network (default unet, or the recipe's)")
+    p.add_argument("--victim", choices=JUDGE_VICTIMS, default=None,
+                   help="victim network (default unet, or the recipe's); nnunet: nnU-Net v2 itself, planned, "
+                   "trained and run by nnU-Net (needs monai-umed[nnunet])")
     p.add_argument("--recipe", default=None, choices=tuple(RECIPES), metavar="NAME",
                    help=f"a named training recipe of the attacker battery: {', '.join(RECIPES)} (sets the defence, "
                    "victim, epochs and image size it names; options given explicitly win)")
@@ -383,7 +434,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                    help=f"defence applied by the trainer, repeatable, one row each: {', '.join(DEFENCES)} "
                    "(default none), e.g. jpeg:quality=50")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default {DEFAULT_EPOCHS[2]} for 2D, {DEFAULT_EPOCHS[3]} for 3D)")
+                   help=f"training epochs (default {DEFAULT_EPOCHS[2]} for 2D, {DEFAULT_EPOCHS[3]} for 3D; nnU-Net's "
+                   f"epochs for --victim nnunet, default {SHORT_EPOCHS})")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
                    help="resize every image to this size inside the victim pipeline (one value or one per axis)")
@@ -414,6 +466,16 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                    "augmentation (the published protocol)")
     p.add_argument("--key", default=None, help="the protected copy's key, for --protocol paper "
                    "(default PROTECTED.umedkey)")
+    g = p.add_argument_group("nnU-Net v2 victim (--victim nnunet)")
+    g.add_argument("--nnunet-dir", default=None, metavar="DIR",
+                   help="nnU-Net's work folder: nnUNet_raw, nnUNet_preprocessed, nnUNet_results, predictions, logs "
+                   "(default: nnunet/ beside the report, else a temporary folder)")
+    g.add_argument("--nnunet-iterations", type=int, default=None, metavar="N",
+                   help=f"training iterations per epoch (default {SHORT_ITERATIONS}; nnU-Net's own trainer: 250)")
+    g.add_argument("--nnunet-val-iterations", type=int, default=None, metavar="N",
+                   help="validation iterations per epoch (default a fifth of the iterations)")
+    g.add_argument("--nnunet-batch-size", type=int, default=None, metavar="N",
+                   help=f"images per batch (default nnU-Net's plan, at most {CPU_MAX_BATCH} on a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
     return p
@@ -450,6 +512,10 @@ def run(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         key=args.key,
         max_train=args.max_train,
+        nnunet_dir=args.nnunet_dir,
+        nnunet_iterations=args.nnunet_iterations,
+        nnunet_val_iterations=args.nnunet_val_iterations,
+        nnunet_batch_size=args.nnunet_batch_size,
     )
     print(report_markdown(report))
     if args.report:

@@ -132,16 +132,29 @@ def report_markdown(report: dict[str, Any]) -> str:
     ds = report["datasets"]
     imp = report["imperceptibility"]
     cfg = report["config"]
+    nn = report.get("nnunet")
+    if nn:  # nnU-Net v2 plans its own network, patch and batch: say exactly what ran
+        victim = [
+            f"- victim: nnU-Net v2 {nn['nnunetv2']}, trainer {nn['trainer']}, configuration {nn['configuration']}, "
+            f"plans {nn['plans']}, fold {nn['fold']} (every training case), {cfg['spatial_dims']}D, patch "
+            f"{nn['patch_size']}, batch {nn['batch_size']} (planned {nn['planned_batch_size']}), image size "
+            f"{report['image_size'] or 'native'}",
+            f"- schedule: {nn['epochs']} epochs x {nn['iterations']} iterations ({nn['val_iterations']} validation "
+            f"iterations per epoch), seed {report['seed']}, device {cfg['device']}, threads {cfg['threads']}",
+        ]
+    else:
+        victim = [
+            f"- victim: {report['victim']} {cfg['victim_params']}, {cfg['spatial_dims']}D, patch {cfg['patch_size']}, "
+            f"image size {report['image_size'] or 'native'}, intensity {cfg['intensity']}",
+            f"- epochs {report['epochs']}, seed {report['seed']}, batch {cfg['batch_size']} x {cfg['num_samples']} "
+            f"crop(s), Adam lr {cfg['lr']}, device {cfg['device']}, threads {cfg['threads']}",
+        ]
     head = [
         "# Protection evaluation",
         "",
         f"- clean dataset: `{ds['clean']}` ({ds['train_cases']} training, {ds['test_cases']} test cases)",
         f"- protected dataset: `{ds['protected']}`",
-        f"- victim: {report['victim']} {cfg['victim_params']}, {cfg['spatial_dims']}D, patch {cfg['patch_size']}, "
-        f"image size {report['image_size'] or 'native'}, intensity {cfg['intensity']}",
-        f"- epochs {report['epochs']}, seed {report['seed']}, batch {cfg['batch_size']} x {cfg['num_samples']} "
-        f"crop(s), "
-        f"Adam lr {cfg['lr']}, device {cfg['device']}, threads {cfg['threads']}",
+        *victim,
         f"- imperceptibility over {imp['cases']} training files ({imp['identical_cases']} unchanged): "
         f"PSNR {fmt(imp['psnr'])} dB, PSNR in ROI {fmt(imp['psnr_roi'])} dB, SSIM {fmt(imp['ssim'], 4)}, "
         f"max |delta| {fmt(imp['max_abs_delta'], 1)} native units = {fmt(imp['max_abs_delta_rel'] * 255, 2)}/255 "
