@@ -40,6 +40,10 @@ shows the protected victim's loss below the clean one's while its test Dice stay
 ``--seed``) and adds a ``mean`` row per method: on Kvasir-SEG one protected copy left victims of seeds 0 to 4 at
 15.3, 5.6, 1.4, 26.7 and 19.9 % Dice, so a single victim says little about a copy near the target.
 
+``--victim nnunet`` judges with nnU-Net v2 itself (:mod:`monai_umed.evaluation.nnunet`: its planning, preprocessing
+and trainer on a short schedule, ``--epochs`` of its epochs), its runs kept in ``OUT/nnunet`` so that the clean
+baseline is trained once for every row.
+
 Same seed, epochs, split and victim for every row; the table states them. ``--max-train N`` keeps the first N
 training cases (linked, not copied, into ``OUT/dataset``) to fit a smaller time budget; the test list is always
 complete. Rerunning with the same ``--out`` reuses protected copies made with the same settings and cached victims.
@@ -62,12 +66,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_umed.errors import InputError  # noqa: E402
 from monai_umed.evaluation import DEFAULT_EPOCHS, evaluate  # noqa: E402
+from monai_umed.evaluation.command import JUDGE_VICTIMS  # noqa: E402
 from monai_umed.evaluation.metrics import read_native  # noqa: E402
 from monai_umed.evaluation.protocols import PROTOCOLS, victim_grid_dataset  # noqa: E402
 from monai_umed.evaluation.report import fmt, markdown_table, write_json, write_markdown  # noqa: E402
 from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
 from monai_umed.intensity import parse_epsilon  # noqa: E402
-from monai_umed.networks.victims import VICTIMS  # noqa: E402
 
 
 def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", type=Path, help="MSD-style dataset folder with training and test lists")
     parser.add_argument("--methods", default="clean,noise", help="comma-separated: clean and protector names")
-    parser.add_argument("--victim", default="unet", choices=VICTIMS)
+    parser.add_argument("--victim", default="unet", choices=JUDGE_VICTIMS,
+                        help="victim network (default unet); nnunet: nnU-Net v2 itself, its work folder OUT/nnunet")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"victim epochs (default {DEFAULT_EPOCHS[2]} for 2D, {DEFAULT_EPOCHS[3]} for 3D)")
     parser.add_argument("--out", type=Path, default=Path("efficacy_out"), help="output folder")

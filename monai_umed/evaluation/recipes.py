@@ -35,6 +35,7 @@ pattern_subtract     shared-pattern estimation and subtraction (adaptive)       
 segresnet            MONAI SegResNet instead of the UNet                          victim ``segresnet``
 dynunet              MONAI DynUNet (nnU-Net's network)                            victim ``dynunet``
 swinunetr            MONAI SwinUNETR                                              victim ``swinunetr``
+nnunet_v2            nnU-Net v2 itself: its planning, preprocessing, trainer      victim ``nnunet``
 epochs100            100 epochs instead of the battery's                          epochs 100
 size256              a 256-pixel grid instead of the battery's                    image size 256
 ==================== ============================================================ ==============================
@@ -93,6 +94,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("segresnet", victim="segresnet", description="SegResNet"),
     Recipe("dynunet", victim="dynunet", description="DynUNet (nnU-Net's network)"),
     Recipe("swinunetr", victim="swinunetr", description="SwinUNETR"),
+    Recipe("nnunet_v2", victim="nnunet", description="nnU-Net v2 itself (short schedule, the battery's epochs)"),
     Recipe("epochs100", epochs=100, description="100 epochs"),
     Recipe("size256", image_size=256, description="256-pixel grid"),
 )}
@@ -111,9 +113,14 @@ def get_recipe(name: str) -> Recipe:
 
 
 def recipe_applies(recipe: Recipe, spatial_dims: int, channels: int) -> bool:
-    """Whether the recipe can be run on images of this kind (JPEG needs 2D, grayscale RGB)."""
+    """Whether the recipe can be run on images of this kind (JPEG needs 2D, grayscale RGB) here (the ``nnunet``
+    victim needs the ``nnunetv2`` package)."""
+    import importlib.util
+
     from monai_umed.evaluation.defences import get_defence
 
+    if recipe.victim == "nnunet" and importlib.util.find_spec("nnunetv2") is None:
+        return False
     try:
         get_defence(recipe.defence, spatial_dims=spatial_dims, channels=channels)
     except ValueError:
