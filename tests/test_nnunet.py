@@ -83,8 +83,8 @@ def test_convert_2d_rgb_jpeg_passes_nnunet_integrity(tmp_path):
     assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == [f"train_0000{i}_0000.png" for i in range(3)]
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"train_0000{i}.png" for i in range(3)]
     assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == [f"test_0000{i}_0000.png" for i in range(2)]
-    assert [c["files"] for c in conv["test"]] == [[str(folder / "imagesTs" / f"test_0000{i}_0000.png")]
-                                                 for i in range(2)]
+    expected = [[str(folder / "imagesTs" / f"test_0000{i}_0000.png")] for i in range(2)]
+    assert [c["files"] for c in conv["test"]] == expected
     _verify(folder)
     # the decoded JPEG's pixels, exactly, as nnU-Net reads them (channel first, one slice)
     src = read_native(load_split(clean, "training")[0]["image"])
@@ -196,6 +196,10 @@ def test_bad_input_is_one_line(tmp_path):
         evaluate(clean, clean, protocol="paper", **quick)
     with pytest.raises(InputError, match="at least 1"):
         evaluate(clean, clean, **{**quick, "nnunet_iterations": 0})
+    with pytest.raises(InputError, match="batch_size, lr belong"):
+        evaluate(clean, clean, batch_size=4, lr=0.1, **quick)
+    with pytest.raises(InputError, match="nnunet victim"):
+        evaluate(clean, clean, epochs=1, threads=1, progress=False, nnunet_iterations=3)
     # the command line prints one line and exits with 2
     from monai_umed.cli import main
 

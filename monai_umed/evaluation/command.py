@@ -229,6 +229,14 @@ def evaluate(
         if any(str(d).split(":")[0].strip() != "none" for d in (defences or ("none",))):
             raise InputError("defences belong to the MONAI victims' recipe; the nnunet victim trains with nnU-Net's "
                              "own augmentation (defence none)")
+        monai_only = {"batch_size": batch_size, "lr": lr, "patch_size": patch_size, "victim_params": victim_params,
+                      "intensity": None if intensity == "auto" else intensity}
+        given = [k for k, v in monai_only.items() if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} belong(s) to the MONAI victims; nnU-Net plans its own (its batch: "
+                             "nnunet_batch_size)")
+    elif any(v is not None for v in (nnunet_dir, nnunet_iterations, nnunet_val_iterations, nnunet_batch_size)):
+        raise InputError("the nnunet_* options belong to the nnunet victim")
     old_threads = torch.get_num_threads()
     n_threads = resolve_threads(threads)
     torch.set_num_threads(n_threads)

@@ -452,4 +452,3 @@ def judge_nnunet(
         "nnunet_dir": kept_work,
     }
     return {"row": row, "results": results, "nnunet": ran, "config": config}
-

@@ -128,8 +128,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     conf["batch_size"] = batch
     plans["continue_training"] = False  # nnU-Net >= 2.7 takes the resume flag through the plans dict
     arch = conf.get("architecture", {})
-    result.update({"planned_batch_size": planned, "batch_size": batch, "patch_size": [int(p) for p in conf["patch_size"]],
-                   "spacing": [float(s) for s in conf["spacing"]], "normalization": conf.get("normalization_schemes"),
+    result.update({"planned_batch_size": planned, "batch_size": batch,
+                   "patch_size": [int(p) for p in conf["patch_size"]], "spacing": [float(s) for s in conf["spacing"]],
+                   "normalization": conf.get("normalization_schemes"),
                    "network": arch.get("network_class_name", conf.get("UNet_class_name")),
                    "image_reader_writer": plans.get("image_reader_writer")})
 
