@@ -36,7 +36,7 @@ from monai_umed.errors import InputError
 from monai_umed.evaluation.adaptive import PATTERN_DEFAULTS, subtract_pattern_list
 from monai_umed.evaluation.defences import DEFENCES, get_defence
 from monai_umed.evaluation.metrics import case_imperceptibility, read_native, summarise_imperceptibility
-from monai_umed.evaluation.nnunet import NNUNET, judge_nnunet, make_schedule
+from monai_umed.evaluation.nnunet import NNUNET, judge_nnunet, make_schedule, nnunet_version
 from monai_umed.evaluation.protocols import PROTOCOLS, paper_training_list
 from monai_umed.evaluation.recipes import RECIPES, Recipe, get_recipe
 from monai_umed.evaluation.report import report_markdown, write_json, write_markdown
@@ -235,6 +235,7 @@ def evaluate(
         if given:
             raise InputError(f"{', '.join(given)} belong(s) to the MONAI victims; nnU-Net plans its own (its batch: "
                              "nnunet_batch_size)")
+        nnunet_version()  # installed? (before anything slow)
     elif any(v is not None for v in (nnunet_dir, nnunet_iterations, nnunet_val_iterations, nnunet_batch_size)):
         raise InputError("the nnunet_* options belong to the nnunet victim")
     old_threads = torch.get_num_threads()
