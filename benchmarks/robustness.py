@@ -52,7 +52,7 @@ BOUNDS: dict[str, float] = {
     "nnunet": 0.20, "nnunet_spatial": 0.20, "nnunet_intensity": 0.20, "nnunet_strong": 0.20,
     "jpeg50": 0.35, "blur1": 0.35, "median3": 0.35, "grayscale": 0.35,
     "segresnet": 0.20, "dynunet": 0.20, "epochs100": 0.20, "size256": 0.20,
-    "pattern_subtract": 0.35,
+    "pattern_subtract": 0.35, "nnunet_v2": 0.30,
 }
 
 
