@@ -68,24 +68,24 @@ def _source(protected: Path) -> Path:
     return Path(summary["dataset"])
 
 
+def _absolute(entries: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
+    """Dataset entries with their image and label paths made absolute against ``base``."""
+    return [{k: (str((base / v).resolve()) if k in ("image", "label") else v) for k, v in e.items()} for e in entries]
+
+
 def _with_holdout(clean: Path, protected: Path, holdout: int, work: Path) -> tuple[Path, Path]:
     """dataset.json files for both copies whose last ``holdout`` clean training cases form the test list."""
-    out = []
-    clean_meta = json.loads(find_dataset_json(clean).read_text())
+    clean_json = find_dataset_json(clean)
+    clean_meta = json.loads(clean_json.read_text())
     n = len(clean_meta.get("training") or [])
     if n <= holdout:
         raise InputError(f"{n} training cases cannot lend {holdout} held-out cases", str(clean))
+    test = _absolute(clean_meta["training"], clean_json.parent)[n - holdout:]
+    out = []
     for name, root in (("clean", clean), ("protected", protected)):
         j = find_dataset_json(root)
         meta = json.loads(j.read_text())
-
-        def absolute(entries: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
-            return [{k: (str((base / v).resolve()) if k in ("image", "label") else v) for k, v in e.items()}
-                    for e in entries]
-
-        train = absolute(meta["training"], j.parent)
-        test = absolute(clean_meta["training"], find_dataset_json(clean).parent)[n - holdout:]
-        meta = {**meta, "training": train[: n - holdout], "test": test}
+        meta = {**meta, "training": _absolute(meta["training"], j.parent)[: n - holdout], "test": test}
         (work / name).mkdir(parents=True, exist_ok=True)
         (work / name / "dataset.json").write_text(json.dumps(meta))
         out.append(work / name)

@@ -13,7 +13,8 @@
 
 nnU-Net's conventions (its ``dataset_format.md``), as the judge writes them:
 
-- ``imagesTr/CASE_XXXX.ext`` (``XXXX`` the channel), ``labelsTr/CASE.ext``, ``imagesTs/CASE_XXXX.ext``; cases are
+- ``imagesTr/CASE_0000.ext``, ``CASE_0001.ext``, ... (the channel index in four digits), ``labelsTr/CASE.ext``,
+  ``imagesTs/CASE_0000.ext``, ...; cases are
   ``train_NNNNN`` and ``test_NNNNN`` in list order.
 - 2D images become PNG read by nnU-Net's ``NaturalImage2DIO``: an RGB(A) image is ONE ``CASE_0000.png`` holding
   all its colour channels, with ``channel_names`` ``{"0": "R", "1": "G", "2": "B"}`` (nnU-Net's Dataset120 road

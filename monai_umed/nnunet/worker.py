@@ -66,7 +66,7 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 def test_cases(folder: str | os.PathLike, file_ending: str) -> dict[str, list[str]]:
     """The cases of an ``imagesTs`` folder: ``{identifier: [channel files in channel order]}`` (nnU-Net's naming,
-    ``CASE_XXXX.ext``)."""
+    ``CASE_0000.ext``, ``CASE_0001.ext``, ...: the channel index in four digits)."""
     cases: dict[str, list[str]] = {}
     for f in sorted(os.listdir(folder)):
         if f.endswith(file_ending) and len(f) > len(file_ending) + 5 and f[-len(file_ending) - 5] == "_":
