@@ -16,7 +16,13 @@ No protector is fitted. Every training image gets a pattern that *is* its label,
 - ``shift``: a class-wise intensity offset, ``+a`` on odd classes and ``-a`` on even ones (a perfect per-pixel
   label code, at the lowest spatial frequency);
 - ``checker``: the same signs times a voxel-parity checkerboard (the highest frequency the grid holds; flips and
-  90-degree rotations keep it up to its sign).
+  90-degree rotations keep it up to its sign);
+- ``dots``: the same signs times an egg-crate of blobs, ``prod_d cos(2 pi u_d / period)``, ``u`` the coordinate on
+  the victim's ``grid`` (so the period is in the victim's pixels whatever the file's size): a mid-frequency cue
+  whose blobs no rotation, flip or mild blur changes in kind;
+- ``band``: the same signs times one fixed random field (seed 0) whose spectrum is an isotropic ring around
+  ``1 / period`` cycles per victim pixel, shared by every case: a texture with no orientation, at a frequency
+  blur and low-resolution simulation keep when the period is long enough.
 
 The amplitude ``a`` is chosen per case so that the written file has exactly the requested whole-image PSNR in the
 judge's own definition (:func:`~monai_umed.evaluation.metrics.data_range`: dtype range for integer files, ``max -
@@ -47,16 +53,43 @@ from monai_umed.evaluation.metrics import data_range, psnr, read_native  # noqa:
 from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
 
 #: the hand-made patterns
-PATTERNS = ("shift", "checker")
+PATTERNS = ("shift", "checker", "dots", "band")
 
 
-def oracle_pattern(label: np.ndarray, kind: str) -> np.ndarray:
+def band_field(shape: tuple[int, ...], grid: int, period: float, seed: int = 0) -> np.ndarray:
+    """A unit-RMS random field of ``shape`` whose spectrum is an isotropic ring at ``1 / period`` cycles per pixel
+    of a ``grid``-sized victim image (relative width 0.3); drawn once on that grid and resampled to ``shape``, so
+    every file gets the same texture as the victim sees it.
+
+    Args:
+        shape: spatial shape of the file.
+        grid: the victim's grid size per axis.
+        period: ring period in the victim's pixels (> 2).
+        seed: the field's seed.
+    """
+    from scipy.ndimage import zoom
+
+    rng = np.random.default_rng(seed)
+    white = rng.standard_normal((grid,) * len(shape))
+    freqs = np.meshgrid(*[np.fft.fftfreq(grid)] * len(shape), indexing="ij")
+    radius = np.sqrt(sum(f ** 2 for f in freqs))
+    f0 = 1.0 / float(period)
+    ring = np.exp(-0.5 * ((radius - f0) / (0.3 * f0)) ** 2)
+    field = np.real(np.fft.ifftn(np.fft.fftn(white) * ring))
+    field = zoom(field, [s / grid for s in shape], order=3, grid_mode=True, mode="grid-wrap")
+    return field / np.sqrt((field ** 2).mean())
+
+
+def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float = 8.0) -> np.ndarray:
     """The unit pattern of a label map (``1 x spatial``, 2D or 3D): 0 on the background, ``+-1`` on the labels.
 
     Args:
         label: channel-first integer label map.
-        kind: ``shift`` (``+1`` on odd classes, ``-1`` on even ones) or ``checker`` (those signs times the voxel
-            parity ``(-1) ** (i + j [+ k])``).
+        kind: ``shift`` (``+1`` on odd classes, ``-1`` on even ones), ``checker`` (those signs times the voxel
+            parity ``(-1) ** (i + j [+ k])``), ``dots`` (those signs times an egg-crate of ``period`` victim
+            pixels) or ``band`` (those signs times :func:`band_field`).
+        grid: the victim's grid size per axis (``dots``, ``band``).
+        period: the pattern's period in the victim's pixels (``dots``, ``band``).
 
     Raises:
         ValueError: unknown ``kind``.
@@ -68,6 +101,11 @@ def oracle_pattern(label: np.ndarray, kind: str) -> np.ndarray:
     if kind == "checker":
         parity = np.indices(y.shape[1:]).sum(0) % 2
         sign = sign * np.where(parity == 0, 1.0, -1.0)[None]
+    elif kind == "dots":
+        axes = [np.cos(2 * np.pi * (np.arange(n) + 0.5) * grid / n / float(period)) for n in y.shape[1:]]
+        sign = sign * np.prod(np.meshgrid(*axes, indexing="ij"), axis=0)[None]
+    elif kind == "band":
+        sign = sign * band_field(y.shape[1:], grid, period)[None]
     return sign
 
 
@@ -93,8 +131,10 @@ def add_at_psnr(image: np.ndarray, pattern: np.ndarray, target: float) -> np.nda
     return out.astype(x.dtype)
 
 
-def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float) -> dict:
-    """Write the training list of ``dataset`` with ``kind``'s pattern at ``target`` dB into ``out``.
+def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float, grid: int = 128,
+                 period: float = 8.0) -> dict:
+    """Write the training list of ``dataset`` with ``kind``'s pattern at ``target`` dB into ``out``
+    (``grid``, ``period``: see :func:`oracle_pattern`).
 
     Returns:
         ``psnr_mean``, ``psnr_min`` and ``psnr_roi_mean`` of the written files (read back as the judge reads them)
@@ -119,7 +159,7 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float)
         codec = codec_for(image)
         stored = codec.read(image).array
         y = read_native(label)
-        written = add_at_psnr(stored, oracle_pattern(y, kind), target)
+        written = add_at_psnr(stored, oracle_pattern(y, kind, grid, period), target)
         rel_img, rel_lab = Path("imagesTr") / image.name, Path("labelsTr") / label.name
         codec.write(image, out / rel_img, written)
         copy_atomic(label, out / rel_lab)
@@ -143,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="new folder for the written copy")
     p.add_argument("--pattern", choices=PATTERNS, default="shift")
     p.add_argument("--psnr", type=float, default=50.0, help="whole-image PSNR of every written file (dB)")
+    p.add_argument("--grid", type=int, default=128, help="the victim's grid size per axis (dots, band)")
+    p.add_argument("--period", type=float, default=8.0, help="period in the victim's pixels (dots, band)")
     a = p.parse_args(argv)
+    if a.period <= 2:
+        p.error("--period must be above 2 victim pixels (the grid's Nyquist)")
     try:
-        res = write_oracle(a.dataset, a.out, a.pattern, a.psnr)
+        res = write_oracle(a.dataset, a.out, a.pattern, a.psnr, a.grid, a.period)
     except InputError as e:
         print(f"shortcut_oracles: {e}", file=sys.stderr)
         return 2

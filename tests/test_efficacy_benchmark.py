@@ -250,6 +250,28 @@ def test_shortcut_oracles_write_the_label_code_at_the_requested_psnr(tmp_path, k
     assert "already holds a dataset" in capsys.readouterr().err
 
 
+def test_shortcut_oracle_dots_and_band_live_on_the_victims_grid():
+    so = _bench("shortcut_oracles")
+    label = np.zeros((1, 96, 64), np.int64)
+    label[0, 10:90, 5:60] = 1
+    for kind in ("dots", "band"):
+        u = so.oracle_pattern(label, kind, grid=32, period=8.0)
+        assert u.shape == label.shape and np.all(u[label == 0] == 0) and np.isfinite(u).all()
+        # the period is in the victim's pixels: resized to the 32 grid, the spectrum peaks at 32 / 8 = 4 cycles
+        from scipy.ndimage import zoom
+
+        full = so.oracle_pattern(np.ones_like(label), kind, grid=32, period=8.0)[0]
+        small = zoom(full, (32 / 96, 32 / 64), order=1)
+        power = np.abs(np.fft.fft2(small - small.mean())) ** 2
+        fy, fx = np.meshgrid(np.fft.fftfreq(32) * 32, np.fft.fftfreq(32) * 32, indexing="ij")
+        radius = np.sqrt(fy ** 2 + fx ** 2)
+        ring = power[(radius > 2.5) & (radius < 6.5)].sum() / power.sum()
+        assert ring > 0.8, (kind, ring)
+    # band: one field for every case of a size, seeded (the same texture in every file)
+    assert np.array_equal(so.band_field((40, 40), 32, 8.0), so.band_field((40, 40), 32, 8.0))
+    assert abs(float((so.band_field((40, 40), 32, 8.0) ** 2).mean()) - 1.0) < 1e-9
+
+
 def test_shortcut_oracle_pattern_rejects_unknown_kinds():
     so = _bench("shortcut_oracles")
     with pytest.raises(ValueError, match="pattern must be"):
