@@ -11,7 +11,8 @@
 
 """Write hand-made, label-coded shortcuts at an exact PSNR: how strong a cue must be before a victim takes it.
 
-No protector is fitted. Every training image gets a pattern that *is* its label, laid on the labelled pixels only:
+No protector is fitted. Every training image gets a pattern that *is* its label, laid on the labelled pixels
+only (``--background``: on every pixel, the background with the sign of an even class):
 
 - ``shift``: a class-wise intensity offset, ``+a`` on odd classes and ``-a`` on even ones (a perfect per-pixel
   label code, at the lowest spatial frequency);
@@ -80,7 +81,8 @@ def band_field(shape: tuple[int, ...], grid: int, period: float, seed: int = 0) 
     return field / np.sqrt((field ** 2).mean())
 
 
-def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float = 8.0) -> np.ndarray:
+def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float = 8.0,
+                   background: bool = False) -> np.ndarray:
     """The unit pattern of a label map (``1 x spatial``, 2D or 3D): 0 on the background, ``+-1`` on the labels.
 
     Args:
@@ -90,6 +92,8 @@ def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float 
             pixels) or ``band`` (those signs times :func:`band_field`).
         grid: the victim's grid size per axis (``dots``, ``band``).
         period: the pattern's period in the victim's pixels (``dots``, ``band``).
+        background: lay the pattern on the background too, with the sign of an even class (``-1``): every pixel
+            carries the code, at a lower amplitude for the same PSNR.
 
     Raises:
         ValueError: unknown ``kind``.
@@ -97,7 +101,9 @@ def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float 
     if kind not in PATTERNS:
         raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {kind!r}")
     y = np.asarray(label).astype(np.int64)
-    sign = np.where(y > 0, np.where(y % 2 == 1, 1.0, -1.0), 0.0)
+    sign = np.where(y % 2 == 1, 1.0, -1.0)
+    if not background:
+        sign = np.where(y > 0, sign, 0.0)
     if kind == "checker":
         parity = np.indices(y.shape[1:]).sum(0) % 2
         sign = sign * np.where(parity == 0, 1.0, -1.0)[None]
@@ -132,9 +138,9 @@ def add_at_psnr(image: np.ndarray, pattern: np.ndarray, target: float) -> np.nda
 
 
 def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float, grid: int = 128,
-                 period: float = 8.0) -> dict:
+                 period: float = 8.0, background: bool = False) -> dict:
     """Write the training list of ``dataset`` with ``kind``'s pattern at ``target`` dB into ``out``
-    (``grid``, ``period``: see :func:`oracle_pattern`).
+    (``grid``, ``period``, ``background``: see :func:`oracle_pattern`).
 
     Returns:
         ``psnr_mean``, ``psnr_min`` and ``psnr_roi_mean`` of the written files (read back as the judge reads them)
@@ -159,7 +165,7 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float,
         codec = codec_for(image)
         stored = codec.read(image).array
         y = read_native(label)
-        written = add_at_psnr(stored, oracle_pattern(y, kind, grid, period), target)
+        written = add_at_psnr(stored, oracle_pattern(y, kind, grid, period, background), target)
         rel_img, rel_lab = Path("imagesTr") / image.name, Path("labelsTr") / label.name
         codec.write(image, out / rel_img, written)
         copy_atomic(label, out / rel_lab)
@@ -185,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--psnr", type=float, default=50.0, help="whole-image PSNR of every written file (dB)")
     p.add_argument("--grid", type=int, default=128, help="the victim's grid size per axis (dots, band)")
     p.add_argument("--period", type=float, default=8.0, help="period in the victim's pixels (dots, band)")
+    p.add_argument("--background", action="store_true",
+                   help="lay the pattern on the background too, with the opposite sign of class 1")
     a = p.parse_args(argv)
     if a.period <= 2:
         p.error("--period must be above 2 victim pixels (the grid's Nyquist)")
     try:
-        res = write_oracle(a.dataset, a.out, a.pattern, a.psnr, a.grid, a.period)
+        res = write_oracle(a.dataset, a.out, a.pattern, a.psnr, a.grid, a.period, a.background)
     except InputError as e:
         print(f"shortcut_oracles: {e}", file=sys.stderr)
         return 2

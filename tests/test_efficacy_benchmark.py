@@ -267,6 +267,10 @@ def test_shortcut_oracle_dots_and_band_live_on_the_victims_grid():
         radius = np.sqrt(fy ** 2 + fx ** 2)
         ring = power[(radius > 2.5) & (radius < 6.5)].sum() / power.sum()
         assert ring > 0.8, (kind, ring)
+    # --background: the background carries the same pattern with the opposite sign
+    fg, both = so.oracle_pattern(label, "dots", 32, 8.0), so.oracle_pattern(label, "dots", 32, 8.0, background=True)
+    assert np.array_equal(both[label == 1], fg[label == 1])
+    assert np.array_equal(both[label == 0], -so.oracle_pattern(np.ones_like(label), "dots", 32, 8.0)[label == 0])
     # band: one field for every case of a size, seeded (the same texture in every file)
     assert np.array_equal(so.band_field((40, 40), 32, 8.0), so.band_field((40, 40), 32, 8.0))
     assert abs(float((so.band_field((40, 40), 32, 8.0) ** 2).mean()) - 1.0) < 1e-9
