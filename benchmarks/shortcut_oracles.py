@@ -81,6 +81,24 @@ def band_field(shape: tuple[int, ...], grid: int, period: float, seed: int = 0) 
     return field / np.sqrt((field ** 2).mean())
 
 
+def quiet_colour(images: list[np.ndarray]) -> np.ndarray:
+    """The colour direction natural images vary least along: the unit eigenvector of the smallest eigenvalue of
+    the pixels' channel covariance (sign fixed so that its largest component is positive), scaled to a mean
+    square of 1 per channel; ``[1]`` for single-channel images.
+
+    Args:
+        images: channel-first images (every 4th pixel per axis is used).
+    """
+    channels = images[0].shape[0]
+    if channels == 1:
+        return np.ones(1)
+    pixels = np.concatenate([x[(slice(None),) + (slice(None, None, 4),) * (x.ndim - 1)].reshape(channels, -1)
+                             for x in images], axis=1).astype(np.float64)
+    v = np.linalg.eigh(np.cov(pixels))[1][:, 0]
+    v = v if v[np.argmax(np.abs(v))] > 0 else -v
+    return v * np.sqrt(channels)
+
+
 def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float = 8.0,
                    background: bool = False) -> np.ndarray:
     """The unit pattern of a label map (``1 x spatial``, 2D or 3D): 0 on the background, ``+-1`` on the labels.
@@ -138,9 +156,10 @@ def add_at_psnr(image: np.ndarray, pattern: np.ndarray, target: float) -> np.nda
 
 
 def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float, grid: int = 128,
-                 period: float = 8.0, background: bool = False) -> dict:
+                 period: float = 8.0, background: bool = False, colour: str = "uniform") -> dict:
     """Write the training list of ``dataset`` with ``kind``'s pattern at ``target`` dB into ``out``
-    (``grid``, ``period``, ``background``: see :func:`oracle_pattern`).
+    (``grid``, ``period``, ``background``: see :func:`oracle_pattern`). ``colour``: ``uniform`` (the same pattern
+    on every channel) or ``quiet`` (the channels weighted by :func:`quiet_colour` of the training images).
 
     Returns:
         ``psnr_mean``, ``psnr_min`` and ``psnr_roi_mean`` of the written files (read back as the judge reads them)
@@ -160,12 +179,20 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float,
     psnrs, rois = [], []
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for it in load_split(dataset, "training"):
+    cases = load_split(dataset, "training")
+    weights = np.ones(1)
+    if colour == "quiet":
+        weights = quiet_colour([codec_for(Path(it["image"])).read(Path(it["image"])).array for it in cases])
+    elif colour != "uniform":
+        raise ValueError(f"colour must be uniform or quiet, got {colour!r}")
+    for it in cases:
         image, label = Path(it["image"]), Path(it["label"])
         codec = codec_for(image)
         stored = codec.read(image).array
         y = read_native(label)
-        written = add_at_psnr(stored, oracle_pattern(y, kind, grid, period, background), target)
+        unit = oracle_pattern(y, kind, grid, period, background)
+        unit = unit * weights.reshape((-1,) + (1,) * (unit.ndim - 1))
+        written = add_at_psnr(stored, unit, target)
         rel_img, rel_lab = Path("imagesTr") / image.name, Path("labelsTr") / label.name
         codec.write(image, out / rel_img, written)
         copy_atomic(label, out / rel_lab)
@@ -193,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period", type=float, default=8.0, help="period in the victim's pixels (dots, band)")
     p.add_argument("--background", action="store_true",
                    help="lay the pattern on the background too, with the opposite sign of class 1")
+    p.add_argument("--colour", choices=("uniform", "quiet"), default="uniform",
+                   help="uniform: the same pattern on every channel; quiet: along the colour direction the "
+                        "training images vary least")
     a = p.parse_args(argv)
     if a.period <= 2:
         p.error("--period must be above 2 victim pixels (the grid's Nyquist)")
     try:
-        res = write_oracle(a.dataset, a.out, a.pattern, a.psnr, a.grid, a.period, a.background)
+        res = write_oracle(a.dataset, a.out, a.pattern, a.psnr, a.grid, a.period, a.background, a.colour)
     except InputError as e:
         print(f"shortcut_oracles: {e}", file=sys.stderr)
         return 2
