@@ -21,6 +21,9 @@ only (``--background``: on every pixel, the background with the sign of an even 
 - ``dots``: the same signs times an egg-crate of blobs, ``prod_d cos(2 pi u_d / period)``, ``u`` the coordinate on
   the victim's ``grid`` (so the period is in the victim's pixels whatever the file's size): a mid-frequency cue
   whose blobs no rotation, flip or mild blur changes in kind;
+- ``rings``: the same signs times concentric rings, ``cos(2 pi r / period)`` with ``r`` the distance from the
+  image's centre in the victim's pixels: locally one clean grating, and rotations about the centre, flips and
+  90-degree rotations leave it as it is;
 - ``band``: the same signs times one fixed random field (seed 0) whose spectrum is an isotropic ring around
   ``1 / period`` cycles per victim pixel, shared by every case: a texture with no orientation, at a frequency
   blur and low-resolution simulation keep when the period is long enough.
@@ -54,7 +57,7 @@ from monai_umed.evaluation.metrics import data_range, psnr, read_native  # noqa:
 from monai_umed.evaluation.train import find_dataset_json, load_split  # noqa: E402
 
 #: the hand-made patterns
-PATTERNS = ("shift", "checker", "dots", "band")
+PATTERNS = ("shift", "checker", "dots", "rings", "band")
 
 
 def band_field(shape: tuple[int, ...], grid: int, period: float, seed: int = 0) -> np.ndarray:
@@ -107,9 +110,10 @@ def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float 
         label: channel-first integer label map.
         kind: ``shift`` (``+1`` on odd classes, ``-1`` on even ones), ``checker`` (those signs times the voxel
             parity ``(-1) ** (i + j [+ k])``), ``dots`` (those signs times an egg-crate of ``period`` victim
-            pixels) or ``band`` (those signs times :func:`band_field`).
-        grid: the victim's grid size per axis (``dots``, ``band``).
-        period: the pattern's period in the victim's pixels (``dots``, ``band``).
+            pixels), ``rings`` (those signs times rings of ``period`` victim pixels about the centre) or ``band``
+            (those signs times :func:`band_field`).
+        grid: the victim's grid size per axis (``dots``, ``rings``, ``band``).
+        period: the pattern's period in the victim's pixels (``dots``, ``rings``, ``band``).
         background: lay the pattern on the background too, with the sign of an even class (``-1``): every pixel
             carries the code, at a lower amplitude for the same PSNR.
 
@@ -128,6 +132,10 @@ def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float 
     elif kind == "dots":
         axes = [np.cos(2 * np.pi * (np.arange(n) + 0.5) * grid / n / float(period)) for n in y.shape[1:]]
         sign = sign * np.prod(np.meshgrid(*axes, indexing="ij"), axis=0)[None]
+    elif kind == "rings":
+        axes = [((np.arange(n) + 0.5) / n - 0.5) * grid for n in y.shape[1:]]
+        radius = np.sqrt(sum(a ** 2 for a in np.meshgrid(*axes, indexing="ij")))
+        sign = sign * np.cos(2 * np.pi * radius / float(period))[None]
     elif kind == "band":
         sign = sign * band_field(y.shape[1:], grid, period)[None]
     return sign
@@ -216,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="new folder for the written copy")
     p.add_argument("--pattern", choices=PATTERNS, default="shift")
     p.add_argument("--psnr", type=float, default=50.0, help="whole-image PSNR of every written file (dB)")
-    p.add_argument("--grid", type=int, default=128, help="the victim's grid size per axis (dots, band)")
-    p.add_argument("--period", type=float, default=8.0, help="period in the victim's pixels (dots, band)")
+    p.add_argument("--grid", type=int, default=128, help="the victim's grid size per axis (dots, rings, band)")
+    p.add_argument("--period", type=float, default=8.0, help="period in the victim's pixels (dots, rings, band)")
     p.add_argument("--background", action="store_true",
                    help="lay the pattern on the background too, with the opposite sign of class 1")
     p.add_argument("--colour", choices=("uniform", "quiet"), default="uniform",

@@ -254,7 +254,7 @@ def test_shortcut_oracle_dots_and_band_live_on_the_victims_grid():
     so = _bench("shortcut_oracles")
     label = np.zeros((1, 96, 64), np.int64)
     label[0, 10:90, 5:60] = 1
-    for kind in ("dots", "band"):
+    for kind in ("dots", "rings", "band"):
         u = so.oracle_pattern(label, kind, grid=32, period=8.0)
         assert u.shape == label.shape and np.all(u[label == 0] == 0) and np.isfinite(u).all()
         # the period is in the victim's pixels: resized to the 32 grid, the spectrum peaks at 32 / 8 = 4 cycles
