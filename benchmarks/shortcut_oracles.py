@@ -139,13 +139,14 @@ def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float 
     if kind == "checker":
         parity = np.indices(y.shape[1:]).sum(0) % 2
         sign = sign * np.where(parity == 0, 1.0, -1.0)[None]
-    elif kind == "dots":
-        axes = [np.cos(2 * np.pi * (np.arange(n) + 0.5) * grid / n / float(period)) for n in y.shape[1:]]
-        sign = sign * np.prod(np.meshgrid(*axes, indexing="ij"), axis=0)[None]
-    elif kind == "rings":
-        axes = [((np.arange(n) + 0.5) / n - 0.5) * grid for n in y.shape[1:]]
-        radius = np.sqrt(sum(a ** 2 for a in np.meshgrid(*axes, indexing="ij")))
-        sign = sign * np.cos(2 * np.pi * radius / float(period))[None]
+    elif kind in ("dots", "rings"):
+        # every pixel centre in the victim's pixels
+        coords = np.meshgrid(*[(np.arange(n) + 0.5) * grid / n for n in y.shape[1:]], indexing="ij")
+        if kind == "dots":
+            code = np.prod([np.cos(2 * np.pi * c / float(period)) for c in coords], axis=0)
+        else:  # rings about the image's centre
+            code = np.cos(2 * np.pi * np.sqrt(sum((c - grid / 2) ** 2 for c in coords)) / float(period))
+        sign = sign * code[None]
     elif kind == "band":
         sign = sign * band_field(y.shape[1:], grid, period)[None]
     return sign
@@ -185,7 +186,10 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float,
 
     Raises:
         InputError: ``out`` is the dataset itself or already holds a dataset.
+        ValueError: an unknown ``colour`` (before anything is written).
     """
+    if colour not in ("uniform", "quiet"):
+        raise ValueError(f"colour must be uniform or quiet, got {colour!r}")
     src = find_dataset_json(dataset)
     out = Path(out)
     if out.resolve() == src.parent.resolve():
@@ -198,11 +202,9 @@ def write_oracle(dataset: str | Path, out: str | Path, kind: str, target: float,
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     cases = load_split(dataset, "training")
-    weights = np.ones(1)
-    if colour == "quiet":
-        weights = quiet_colour(codec_for(Path(it["image"])).read(Path(it["image"])).array for it in cases)
-    elif colour != "uniform":
-        raise ValueError(f"colour must be uniform or quiet, got {colour!r}")
+    # a first pass over the images for the direction, since the first file written needs it
+    weights = (quiet_colour(codec_for(Path(it["image"])).read(Path(it["image"])).array for it in cases)
+               if colour == "quiet" else np.ones(1))
     for it in cases:
         image, label = Path(it["image"]), Path(it["label"])
         codec = codec_for(image)

@@ -251,6 +251,8 @@ def test_shortcut_oracles_write_the_label_code_at_the_requested_psnr(tmp_path, k
 
 
 def test_shortcut_oracle_dots_and_band_live_on_the_victims_grid():
+    from scipy.ndimage import zoom
+
     so = _bench("shortcut_oracles")
     label = np.zeros((1, 96, 64), np.int64)
     label[0, 10:90, 5:60] = 1
@@ -258,8 +260,6 @@ def test_shortcut_oracle_dots_and_band_live_on_the_victims_grid():
         u = so.oracle_pattern(label, kind, grid=32, period=8.0)
         assert u.shape == label.shape and np.all(u[label == 0] == 0) and np.isfinite(u).all()
         # the period is in the victim's pixels: resized to the 32 grid, the spectrum peaks at 32 / 8 = 4 cycles
-        from scipy.ndimage import zoom
-
         full = so.oracle_pattern(np.ones_like(label), kind, grid=32, period=8.0)[0]
         small = zoom(full, (32 / 96, 32 / 64), order=1)
         power = np.abs(np.fft.fft2(small - small.mean())) ** 2

@@ -41,7 +41,7 @@ from monai_umed.errors import InputError
 from monai_umed.evaluation.command import evaluate
 from monai_umed.evaluation.recipes import get_recipe
 from monai_umed.evaluation.report import fmt, markdown_table
-from monai_umed.evaluation.train import find_dataset_json
+from monai_umed.evaluation.train import find_dataset_json, load_split
 
 __all__ = ["check", "verdict", "add_command", "run", "CHECK_RECIPES"]
 
@@ -68,24 +68,17 @@ def _source(protected: Path) -> Path:
     return Path(summary["dataset"])
 
 
-def _absolute(entries: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
-    """Dataset entries with their image and label paths made absolute against ``base``."""
-    return [{k: (str((base / v).resolve()) if k in ("image", "label") else v) for k, v in e.items()} for e in entries]
-
-
 def _with_holdout(clean: Path, protected: Path, holdout: int, work: Path) -> tuple[Path, Path]:
     """dataset.json files for both copies whose last ``holdout`` clean training cases form the test list."""
-    clean_json = find_dataset_json(clean)
-    clean_meta = json.loads(clean_json.read_text())
-    n = len(clean_meta.get("training") or [])
+    clean_cases = load_split(clean, "training")
+    n = len(clean_cases)
     if n <= holdout:
         raise InputError(f"{n} training cases cannot lend {holdout} held-out cases", str(clean))
-    test = _absolute(clean_meta["training"], clean_json.parent)[n - holdout:]
     out = []
-    for name, root in (("clean", clean), ("protected", protected)):
-        j = find_dataset_json(root)
-        meta = json.loads(j.read_text())
-        meta = {**meta, "training": _absolute(meta["training"], j.parent)[: n - holdout], "test": test}
+    protected_cases = load_split(protected, "training")
+    for name, root, cases in (("clean", clean, clean_cases), ("protected", protected, protected_cases)):
+        meta = json.loads(find_dataset_json(root).read_text())
+        meta = {**meta, "training": cases[: n - holdout], "test": clean_cases[n - holdout:]}
         (work / name).mkdir(parents=True, exist_ok=True)
         (work / name / "dataset.json").write_text(json.dumps(meta))
         out.append(work / name)
