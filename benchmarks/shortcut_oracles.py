@@ -51,13 +51,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from monai_umed.colour import quiet_colour  # noqa: E402
 from monai_umed.data.formats import atomic_path, codec_for, copy_atomic  # noqa: E402
 from monai_umed.errors import InputError  # noqa: E402
 from monai_umed.evaluation.metrics import data_range, psnr, read_native  # noqa: E402
@@ -89,27 +89,6 @@ def band_field(shape: tuple[int, ...], grid: int, period: float, seed: int = 0) 
     field = np.real(np.fft.ifftn(np.fft.fftn(white) * ring))
     field = zoom(field, [s / grid for s in shape], order=3, grid_mode=True, mode="grid-wrap")
     return field / np.sqrt((field ** 2).mean())
-
-
-def quiet_colour(images: Iterable[np.ndarray]) -> np.ndarray:
-    """The colour direction natural images vary least along: the unit eigenvector of the smallest eigenvalue of
-    the pixels' channel covariance (sign fixed so that its largest component is positive), scaled to a mean
-    square of 1 per channel; ``[1]`` for single-channel images.
-
-    Args:
-        images: channel-first images, read one at a time (every 4th pixel per axis is used).
-    """
-    count, total, outer = 0, 0.0, 0.0
-    for x in images:
-        px = np.asarray(x)[(slice(None),) + (slice(None, None, 4),) * (np.ndim(x) - 1)]
-        px = px.reshape(px.shape[0], -1).astype(np.float64)
-        if px.shape[0] == 1:
-            return np.ones(1)
-        count, total, outer = count + px.shape[1], total + px.sum(1), outer + px @ px.T
-    mean = total / count
-    v = np.linalg.eigh(outer / count - np.outer(mean, mean))[1][:, 0]
-    v = v if v[np.argmax(np.abs(v))] > 0 else -v
-    return v * np.sqrt(v.size)
 
 
 def oracle_pattern(label: np.ndarray, kind: str, grid: int = 128, period: float = 8.0,

@@ -276,19 +276,6 @@ def test_shortcut_oracle_dots_and_band_live_on_the_victims_grid():
     assert abs(float((so.band_field((40, 40), 32, 8.0) ** 2).mean()) - 1.0) < 1e-9
 
 
-def test_quiet_colour_is_the_direction_images_vary_least_along():
-    so = _bench("shortcut_oracles")
-    rng = np.random.default_rng(0)
-    # images that vary along every colour but `quiet` (up to a little noise)
-    base = rng.normal(0, 30, (2, 64, 64))
-    quiet = np.array([1.0, -2.0, 1.0]) / np.sqrt(6)
-    loud = np.stack([base[0], base[1], base[0] + 2 * base[1]])
-    loud = loud - quiet[:, None, None] * np.tensordot(quiet, loud, 1)[None]
-    v = so.quiet_colour([loud + 0.1 * rng.normal(size=loud.shape)])
-    assert abs(float((v ** 2).mean()) - 1.0) < 1e-9 and v[np.argmax(np.abs(v))] > 0
-    assert abs(abs(float(v @ quiet)) / np.sqrt(3) - 1.0) < 1e-3
-    assert np.array_equal(so.quiet_colour([np.zeros((1, 8, 8))]), np.ones(1))
-
 
 def test_shortcut_oracle_pattern_rejects_unknown_kinds():
     so = _bench("shortcut_oracles")

@@ -415,6 +415,56 @@ def test_filled_tile_spends_each_case_energy_budget():
     assert sum(spent["full"]) > sum(spent["faint"])  # filling spends more of the budget than the faint tile
 
 
+def test_quiet_colour_is_the_direction_images_vary_least_along():
+    from monai_umed.colour import quiet_colour
+
+    rng = np.random.default_rng(0)
+    # images that vary along every colour but `quiet` (up to a little noise)
+    base = rng.normal(0, 30, (2, 64, 64))
+    quiet = np.array([1.0, -2.0, 1.0]) / np.sqrt(6)
+    loud = np.stack([base[0], base[1], base[0] + 2 * base[1]])
+    loud = loud - quiet[:, None, None] * np.tensordot(quiet, loud, 1)[None]
+    v = quiet_colour([torch.as_tensor(loud + 0.1 * rng.normal(size=loud.shape))])
+    assert abs(float((v ** 2).mean()) - 1.0) < 1e-9 and v[np.argmax(np.abs(v))] > 0
+    assert abs(abs(float(v @ quiet)) / np.sqrt(3) - 1.0) < 1e-3
+    assert np.array_equal(quiet_colour([np.zeros((1, 8, 8))]), np.ones(1))
+    with pytest.raises(ValueError, match="no images"):
+        quiet_colour([])
+    with pytest.raises(ValueError, match="channels"):
+        quiet_colour([np.zeros((3, 8, 8)), np.zeros((2, 8, 8))])
+
+
+def test_quiet_tile_lies_along_the_data_colour_and_the_key_keeps_it():
+    from monai_umed.colour import quiet_colour
+
+    samples = _samples()
+    rng = np.random.default_rng(1)
+    for s in samples:  # give the images a colour structure: the green channel a scaled copy of the red one
+        x = s["image"].clone()
+        x[1] = (0.8 * x[0] + 0.05 * torch.as_tensor(rng.random(x.shape[1:]), dtype=x.dtype)).clamp(0, 1)
+        s["image"] = (x * 255).round() / 255
+    kw = {**FAST, "refine_tile": 4, "refine_tile_colour": "Quiet", "distil_epochs": 0}
+    p = UMedProtector(**kw).fit(samples, progress=False)
+    ref = p.refiner
+    v = torch.as_tensor(quiet_colour([s["image"] for s in samples]), dtype=torch.float32)
+    assert ref.colour == "quiet" and torch.equal(ref.colour_vector, v)
+    assert tuple(ref.pattern.shape) == (2, 1, 4, 4) and float(ref.pattern.abs().max()) > 0
+    for s in samples:  # every stored perturbation is one map times the colour vector
+        d = ref.deltas[s["case_id"]].float()
+        one = (d * v.view(-1, 1, 1)).sum(0) / v.pow(2).sum()
+        assert float(one.abs().max()) > 0
+        assert torch.allclose(d, v.view(-1, 1, 1) * one[None], atol=2e-3)
+        delta = p.perturbation(s["image"], s["label"], s["case_id"])
+        assert torch.all(delta.abs() <= p.budget(s["image"], s["label"]) + 1e-6)
+    q = UMedProtector().load_state_dict(p.state_dict())
+    assert q.refine_tile_colour == "quiet" and torch.equal(q.refiner.colour_vector, v)
+    s = samples[0]
+    assert torch.equal(q.perturbation(s["image"], s["label"], s["case_id"]),
+                       p.perturbation(s["image"], s["label"], s["case_id"]))
+    with pytest.raises(ValueError, match="refine_tile_colour"):
+        UMedProtector(refine_tile_colour="loud")
+
+
 def test_a_key_from_before_the_tile_loads_as_per_case():
     from monai_umed.protectors.refine_shared import SharedTileRefiner
 

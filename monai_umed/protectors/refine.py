@@ -74,6 +74,8 @@ __all__ = [
     "as_bool",
     "stack_scalars",
     "as_tile",
+    "as_tile_colour",
+    "TILE_COLOURS",
     "auto_tile",
     "auto_tile_bound",
     "as_texture_quantiles",
@@ -122,6 +124,9 @@ class RefineSettings:
         shared_background: with ``shared_classwise``, lay a tile on the background class too (default); False leaves
             the background unperturbed, so a footprint that covers the whole image (EM, SALM) spends its energy budget
             on the labelled structures, where the shortcut is.
+        shared_colour: with ``shared_tile``, ``free`` (a tile per image channel) or ``quiet`` (one tile along the
+            colour direction the training images vary least along;
+            :class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`).
     """
 
     rounds: int = 20
@@ -140,6 +145,7 @@ class RefineSettings:
     shared_symmetric: bool = False
     shared_fill: bool = False
     shared_background: bool = True
+    shared_colour: str = "free"
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
@@ -570,6 +576,19 @@ def as_tile(value: Any) -> str | int:
     if tile < 0:
         raise ValueError(f"refine_tile must be auto or >= 0, got {value!r}")
     return tile
+
+
+#: how a shared tile uses the image channels: ``free`` (a tile per channel) or ``quiet`` (one tile along
+#: :func:`~monai_umed.colour.quiet_colour`)
+TILE_COLOURS = ("free", "quiet")
+
+
+def as_tile_colour(value: Any) -> str:
+    """Parse a release stage's ``refine_tile_colour`` parameter (one of :data:`TILE_COLOURS`, any case)."""
+    colour = str(value).strip().lower()
+    if colour not in TILE_COLOURS:
+        raise ValueError(f"refine_tile_colour must be one of {', '.join(TILE_COLOURS)}, got {value!r}")
+    return colour
 
 
 def auto_tile(spatial_dims: int, tile: Any = "auto") -> int:

@@ -64,5 +64,6 @@ def build_refiner(
     if settings.shared_tile:
         return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
                                  classwise=settings.shared_classwise, symmetric=settings.shared_symmetric,
-                                 fill=settings.shared_fill, background=settings.shared_background)
+                                 fill=settings.shared_fill, background=settings.shared_background,
+                                 colour=settings.shared_colour)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)

@@ -20,6 +20,11 @@ through the release path: every PGD batch takes one sign step on the tile (of ``
 budget, since the tile sees many batches per round) against the frozen surrogate. The cases' stored perturbations are
 the tiled pattern, so writing, keys and restore are those of the per-case refiner; a case not seen in fit gets the
 tile itself (:meth:`SharedTileRefiner.unseen`).
+
+With ``colour="quiet"`` the tile has one channel laid along the colour direction the training images vary least
+along (:func:`~monai_umed.colour.quiet_colour`, computed in :meth:`SharedTileRefiner.fit` and kept in the key):
+that direction is about 20 dB emptier than brightness at every spatial frequency, so the same energy stands out more
+to a network (docs/methods.md, twelfth and thirteenth sessions).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_umed.colour import quiet_colour
 from monai_umed.protectors.pgd import work_shape
-from monai_umed.protectors.refine import ReleaseRefiner, stack_scalars, upsample_limit
+from monai_umed.protectors.refine import TILE_COLOURS, ReleaseRefiner, stack_scalars, upsample_limit
 
 __all__ = ["SharedTileRefiner", "symmetrise", "tile_pattern"]
 
@@ -69,13 +75,22 @@ class SharedTileRefiner(ReleaseRefiner):
         fill: scale each case's pattern up to its energy budget as well as down.
         background: with ``classwise``, lay a tile on the background class too; False leaves it unperturbed (its
             tile stays zero).
+        colour: ``free`` (one tile per image channel) or ``quiet`` (a one-channel tile along the colour direction
+            the training images vary least along; :data:`TILE_COLOURS`).
     """
 
     def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, symmetric: bool = False,
-                 fill: bool = False, background: bool = True, **kwargs: Any) -> None:  # noqa: D107
+                 fill: bool = False, background: bool = True, colour: str = "free",
+                 **kwargs: Any) -> None:  # noqa: D107
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
             raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
+        if colour not in TILE_COLOURS:
+            raise ValueError(f"refine: the shared tile's colour must be one of {', '.join(TILE_COLOURS)}, "
+                             f"got {colour!r}")
+        self.colour = colour
+        #: with ``colour="quiet"``, the channel weights the one-channel tile is laid along (C, mean square 1)
+        self.colour_vector: torch.Tensor | None = None
         self.tile = int(tile)
         self.classwise = bool(classwise)
         self.symmetric = bool(symmetric)
@@ -109,9 +124,17 @@ class SharedTileRefiner(ReleaseRefiner):
         return onehot if tuple(onehot.shape[2:]) == tuple(shape) else F.interpolate(onehot, size=tuple(shape),
                                                                                     mode="area")
 
+    def _coloured(self, t: torch.Tensor) -> torch.Tensor:
+        """The tile(s) ``t`` (K x 1 x tile along :attr:`colour_vector`, or K x C x tile) in every image channel."""
+        if self.colour_vector is None:
+            return t
+        v = self.colour_vector.to(t.device, t.dtype)
+        return t * v.view(1, -1, *([1] * (t.ndim - 2)))
+
     def _spread(self, t: torch.Tensor, frac: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        """The tile(s) ``t`` (K x C x tile) laid over a batch shaped like ``like``: one tile repeated everywhere, or
-        each class's tile weighted by the class's share of each cell."""
+        """The tile(s) ``t`` (K x C x tile, or K x 1 x tile with a colour) laid over a batch shaped like ``like``:
+        one tile repeated everywhere, or each class's tile weighted by the class's share of each cell."""
+        t = self._coloured(t)
         if frac is None:
             return tile_pattern(t[0], like.shape[2:])[None].expand_as(like)
         tiled = torch.stack([tile_pattern(tk, like.shape[2:]) for tk in t])  # K x C x work spatial
@@ -149,10 +172,13 @@ class SharedTileRefiner(ReleaseRefiner):
         During a resident fit the tile stays on the device and the step size is never read back to the host."""
         lazy = self._lazy
         if self.pattern is None:
-            self.pattern = torch.zeros((self._tiles(), d.shape[1]) + (self.tile,) * (d.ndim - 2),
+            channels = d.shape[1] if self.colour_vector is None else 1
+            self.pattern = torch.zeros((self._tiles(), channels) + (self.tile,) * (d.ndim - 2),
                                        device=d.device if lazy else None)
         frac = self._fractions(y, d.shape[2:], d.dtype)
         top_t = upsample_limit(lim, d.shape[2:]).max()
+        if self.colour_vector is not None:  # the coloured tile's largest channel reaches the map's top, no further
+            top_t = top_t / float(self.colour_vector.abs().max())
         if lazy:  # the same float64 arithmetic as on the host, rounded to the tile's dtype where it is applied
             top = top_t
             alpha = (top_t.double() * self.settings.step_fraction / 10.0).to(top_t.dtype)
@@ -228,7 +254,10 @@ class SharedTileRefiner(ReleaseRefiner):
         progress: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """:meth:`ReleaseRefiner.fit`, then every case's perturbation made again from the final tile (cases visited
-        early in the last round were made from an older one)."""
+        early in the last round were made from an older one). With ``colour="quiet"`` the colour direction is
+        first computed from ``images`` (a resumed fit keeps the one its checkpoint holds)."""
+        if self.colour == "quiet" and self.colour_vector is None:
+            self.colour_vector = torch.as_tensor(quiet_colour(images), dtype=torch.float32)
         super().fit(images, labels, limits, case_ids, checkpoint=checkpoint, log=log, energies=energies,
                     progress=progress)
         return self.lay(labels, limits, case_ids, energies)
@@ -259,11 +288,16 @@ class SharedTileRefiner(ReleaseRefiner):
     def state_dict(self) -> dict[str, Any]:
         pattern = None if self.pattern is None else self.pattern.cpu()
         return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise,
-                "symmetric": self.symmetric, "fill": self.fill, "background": self.background}
+                "symmetric": self.symmetric, "fill": self.fill, "background": self.background,
+                "colour": self.colour, "colour_vector": self.colour_vector}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)
         pattern = state.get("pattern")
         # keys written before per-class tiles hold one C x tile pattern
         self.pattern = pattern[None] if pattern is not None and pattern.ndim == self.surrogate.spatial_dims + 1 else pattern
+        # keys written before the colour option held a tile per channel
+        self.colour = str(state.get("colour", "free"))
+        vector = state.get("colour_vector")
+        self.colour_vector = None if vector is None else torch.as_tensor(vector, dtype=torch.float32)
         return self

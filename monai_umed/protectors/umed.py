@@ -89,6 +89,7 @@ from monai_umed.protectors.refine import (
     as_bool,
     as_texture_quantiles,
     as_tile,
+    as_tile_colour,
     as_victim_grids,
     as_work_size,
     auto_tile_bound,
@@ -201,6 +202,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         refine_tile_classwise: with ``refine_tile``, one tile per class, each on its own class's pixels.
         refine_tile_symmetric: with ``refine_tile``, keep the tile symmetric under flips and 90-degree rotations.
         refine_tile_fill: with ``refine_tile``, scale each case's pattern up to its energy budget, not only down.
+        refine_tile_colour: with ``refine_tile``, ``free`` (a tile per image channel) or ``quiet`` (one tile along
+            the colour direction the training images vary least along, computed from them and kept in the key).
         tile_bound: with ``refine_tile``, the texture bound the fitted tile is *written* on (``auto``: ``b_min = 0``
             and quantiles ``(0.25, 0.95)``: the flattest quarter of the ROI left alone; ``fit``: the fitting bound;
             or ``"b_min,low,high"``; :func:`~monai_umed.protectors.refine.auto_tile_bound`).
@@ -278,6 +281,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         refine_tile_classwise: bool = True,
         refine_tile_symmetric: bool = False,
         refine_tile_fill: bool = False,
+        refine_tile_colour: str = "free",
         tile_bound: str | Sequence[float] | None = "auto",
         refine_window: int | str = "auto",
         distil_epochs: int = 2,
@@ -358,6 +362,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         self.refine_tile_classwise = as_bool(refine_tile_classwise)
         self.refine_tile_symmetric = as_bool(refine_tile_symmetric)
         self.refine_tile_fill = as_bool(refine_tile_fill)
+        self.refine_tile_colour = as_tile_colour(refine_tile_colour)
         auto_tile_bound(tile_bound, 0)  # validates it; ``auto`` resolves once the spatial dims are known
         self.tile_bound: str | Sequence[float] | None = tile_bound
         self.refine_window: int | str = as_window(refine_window)
@@ -916,6 +921,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             "refine_tile_classwise": self.refine_tile_classwise,
             "refine_tile_symmetric": self.refine_tile_symmetric,
             "refine_tile_fill": self.refine_tile_fill,
+            "refine_tile_colour": self.refine_tile_colour,
             "refine_window": self.refine_window,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
@@ -965,8 +971,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         for key in ("seed", "epochs", "infer_batch_size", "refine_rounds", "refine_pgd", "refine_surrogate_epochs",
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
                     "release_jitter", "release_augment", "refine_step_fraction", "refine_tile",
-                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "tile_bound",
-                    "refine_window"):
+                    "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "refine_tile_colour",
+                    "tile_bound", "refine_window"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:

@@ -95,7 +95,8 @@ class UMedReleaseStage:
                               step_fraction=self.refine_step_fraction, shared_tile=auto_tile(sd, self.refine_tile),
                               shared_classwise=self.refine_tile_classwise,
                               shared_symmetric=self.refine_tile_symmetric,
-                              shared_fill=self.refine_tile_fill)
+                              shared_fill=self.refine_tile_fill,
+                              shared_colour=self.refine_tile_colour)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
