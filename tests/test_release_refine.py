@@ -449,6 +449,8 @@ def test_quiet_tile_lies_along_the_data_colour_and_the_key_keeps_it():
     v = torch.as_tensor(quiet_colour([s["image"] for s in samples]), dtype=torch.float32)
     assert ref.colour == "quiet" and torch.equal(ref.colour_vector, v)
     assert tuple(ref.pattern.shape) == (2, 1, 4, 4) and float(ref.pattern.abs().max()) > 0
+    # a texture, not a flat offset: every class tile has (about) zero mean over its cells
+    assert float(ref.pattern.mean((2, 3)).abs().max()) <= 0.25 * float(ref.pattern.abs().max())
     for s in samples:  # every stored perturbation is one map times the colour vector
         d = ref.deltas[s["case_id"]].float()
         one = (d * v.view(-1, 1, 1)).sum(0) / v.pow(2).sum()
