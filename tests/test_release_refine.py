@@ -467,6 +467,26 @@ def test_quiet_tile_lies_along_the_data_colour_and_the_key_keeps_it():
         UMedProtector(refine_tile_colour="loud")
 
 
+def test_harmonics_keep_only_the_tile_period():
+    from monai_umed.protectors.refine_shared import lowpass_tile
+
+    t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    low = lowpass_tile(t, 2, 1)
+    spec = torch.fft.fft2(low.double()).abs()
+    k = torch.fft.fftfreq(8, d=1 / 8).abs()
+    far = (k[:, None] > 1) | (k[None, :] > 1)
+    assert float(spec[..., far].max()) < 1e-5 and float(spec[..., ~far].max()) > 0
+    assert torch.allclose(lowpass_tile(low, 2, 1), low, atol=1e-6) and torch.equal(lowpass_tile(t, 2, 0), t)
+    samples = _samples()
+    p = UMedProtector(**{**FAST, "refine_tile": 8, "refine_tile_harmonics": 1, "distil_epochs": 0}).fit(
+        samples, progress=False)
+    power = torch.fft.fft2(p.refiner.pattern.double()).abs().pow(2)
+    # the clamp to the budget after the projection leaves a little of the finer periods, no more
+    assert float(power.sum()) > 0 and float(power[..., far].sum()) <= 0.1 * float(power.sum())
+    q = UMedProtector().load_state_dict(p.state_dict())
+    assert q.refine_tile_harmonics == 1 and q.refiner.harmonics == 1
+
+
 def test_a_key_from_before_the_tile_loads_as_per_case():
     from monai_umed.protectors.refine_shared import SharedTileRefiner
 

@@ -127,6 +127,8 @@ class RefineSettings:
         shared_colour: with ``shared_tile``, ``free`` (a tile per image channel) or ``quiet`` (one tile along the
             colour direction the training images vary least along;
             :class:`~monai_umed.protectors.refine_shared.SharedTileRefiner`).
+        shared_harmonics: with ``shared_tile``, keep only the tile's spatial frequencies up to this many cycles per
+            tile (0: all; :func:`~monai_umed.protectors.refine_shared.lowpass_tile`).
     """
 
     rounds: int = 20
@@ -146,14 +148,16 @@ class RefineSettings:
     shared_fill: bool = False
     shared_background: bool = True
     shared_colour: str = "free"
+    shared_harmonics: int = 0
 
     def __post_init__(self) -> None:
         if self.step not in ("sign", "scaled"):
             raise ValueError(f"refine: step must be sign or scaled, got {self.step!r}")
         if self.energy_mode not in ("scale", "sparse"):
             raise ValueError(f"refine: energy_mode must be scale or sparse, got {self.energy_mode!r}")
-        if self.shared_tile < 0:
-            raise ValueError(f"refine: shared_tile must be >= 0, got {self.shared_tile}")
+        if self.shared_tile < 0 or self.shared_harmonics < 0:
+            raise ValueError(f"refine: shared_tile and shared_harmonics must be >= 0, got {self.shared_tile} and "
+                             f"{self.shared_harmonics}")
         if self.reset_every < 0:
             raise ValueError(f"refine: reset_every must be >= 0, got {self.reset_every}")
         if self.rounds < 0 or self.pgd_steps < 0 or self.surrogate_epochs < 1 or self.batch_size < 1:

@@ -65,5 +65,5 @@ def build_refiner(
         return SharedTileRefiner(sur, path, settings, levels=levels, seed=seed, tile=settings.shared_tile,
                                  classwise=settings.shared_classwise, symmetric=settings.shared_symmetric,
                                  fill=settings.shared_fill, background=settings.shared_background,
-                                 colour=settings.shared_colour)
+                                 colour=settings.shared_colour, harmonics=settings.shared_harmonics)
     return ReleaseRefiner(sur, path, settings, levels=levels, seed=seed)

@@ -40,7 +40,7 @@ from monai_umed.colour import quiet_colour
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.refine import TILE_COLOURS, ReleaseRefiner, stack_scalars, upsample_limit
 
-__all__ = ["SharedTileRefiner", "symmetrise", "tile_pattern"]
+__all__ = ["SharedTileRefiner", "lowpass_tile", "symmetrise", "tile_pattern"]
 
 
 def tile_pattern(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -48,6 +48,24 @@ def tile_pattern(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     reps = [1] + [-(-int(s) // int(t)) for s, t in zip(shape, tile.shape[1:])]
     full = tile.repeat(*reps)
     return full[(slice(None),) + tuple(slice(0, int(s)) for s in shape)]
+
+
+def lowpass_tile(tile: torch.Tensor, spatial_dims: int, harmonics: int) -> torch.Tensor:
+    """A tile (spatial axes last) with only its spatial frequencies of at most ``harmonics`` cycles per tile along
+    every axis kept (the tiling is periodic, so this is exact on the repeated pattern); ``harmonics`` 0 keeps all.
+
+    With ``harmonics=1`` an ``8``-cell tile is a lattice of period 8 only: the finer periods a fit otherwise
+    prefers (4 on Kvasir-SEG) are the first that blur, low-resolution simulation and scaling remove.
+    """
+    if harmonics <= 0:
+        return tile
+    axes = tuple(range(tile.ndim - spatial_dims, tile.ndim))
+    spec = torch.fft.fftn(tile.double(), dim=axes)
+    keep = torch.ones(tile.shape[-spatial_dims:], dtype=torch.bool, device=tile.device)
+    for i, n in enumerate(tile.shape[-spatial_dims:]):
+        k = torch.fft.fftfreq(n, d=1.0 / n, device=tile.device).abs() <= harmonics
+        keep = keep & k.view(*([1] * i), n, *([1] * (spatial_dims - i - 1)))
+    return torch.fft.ifftn(spec * keep, dim=axes).real.to(tile.dtype)
 
 
 def symmetrise(tile: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -77,10 +95,12 @@ class SharedTileRefiner(ReleaseRefiner):
             tile stays zero).
         colour: ``free`` (one tile per image channel) or ``quiet`` (a one-channel tile along the colour direction
             the training images vary least along; :data:`TILE_COLOURS`).
+        harmonics: keep only the tile's spatial frequencies up to this many cycles per tile (:func:`lowpass_tile`;
+            0: all).
     """
 
     def __init__(self, *args: Any, tile: int = 4, classwise: bool = False, symmetric: bool = False,
-                 fill: bool = False, background: bool = True, colour: str = "free",
+                 fill: bool = False, background: bool = True, colour: str = "free", harmonics: int = 0,
                  **kwargs: Any) -> None:  # noqa: D107
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
@@ -89,6 +109,7 @@ class SharedTileRefiner(ReleaseRefiner):
             raise ValueError(f"refine: the shared tile's colour must be one of {', '.join(TILE_COLOURS)}, "
                              f"got {colour!r}")
         self.colour = colour
+        self.harmonics = int(harmonics)
         #: with ``colour="quiet"``, the channel weights the one-channel tile is laid along (C, mean square 1)
         self.colour_vector: torch.Tensor | None = None
         self.tile = int(tile)
@@ -168,6 +189,7 @@ class SharedTileRefiner(ReleaseRefiner):
         new = t - alpha * self._direction(grad, torch.ones_like(grad))
         if self.colour_vector is not None:
             new = new - new.mean(spatial, keepdim=True)
+        new = lowpass_tile(new, t.ndim - 2, self.harmonics)
         if self.settings.step == "sign":
             return new.clamp(-top, top)
         rms = new.pow(2).mean(tuple(range(1, t.ndim)), keepdim=True).sqrt()
@@ -297,7 +319,7 @@ class SharedTileRefiner(ReleaseRefiner):
         pattern = None if self.pattern is None else self.pattern.cpu()
         return {**super().state_dict(), "pattern": pattern, "tile": self.tile, "classwise": self.classwise,
                 "symmetric": self.symmetric, "fill": self.fill, "background": self.background,
-                "colour": self.colour, "colour_vector": self.colour_vector}
+                "colour": self.colour, "colour_vector": self.colour_vector, "harmonics": self.harmonics}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "SharedTileRefiner":
         super().load_state_dict(state)
@@ -306,6 +328,7 @@ class SharedTileRefiner(ReleaseRefiner):
         self.pattern = pattern[None] if pattern is not None and pattern.ndim == self.surrogate.spatial_dims + 1 else pattern
         # keys written before the colour option held a tile per channel
         self.colour = str(state.get("colour", "free"))
+        self.harmonics = int(state.get("harmonics", 0))
         vector = state.get("colour_vector")
         self.colour_vector = None if vector is None else torch.as_tensor(vector, dtype=torch.float32)
         return self

@@ -204,6 +204,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         refine_tile_fill: with ``refine_tile``, scale each case's pattern up to its energy budget, not only down.
         refine_tile_colour: with ``refine_tile``, ``free`` (a tile per image channel) or ``quiet`` (one tile along
             the colour direction the training images vary least along, computed from them and kept in the key).
+        refine_tile_harmonics: with ``refine_tile``, keep only the tile's spatial frequencies up to this many cycles
+            per tile (0: all; 1 with an 8-cell tile: a lattice of period 8 only).
         tile_bound: with ``refine_tile``, the texture bound the fitted tile is *written* on (``auto``: ``b_min = 0``
             and quantiles ``(0.25, 0.95)``: the flattest quarter of the ROI left alone; ``fit``: the fitting bound;
             or ``"b_min,low,high"``; :func:`~monai_umed.protectors.refine.auto_tile_bound`).
@@ -282,6 +284,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         refine_tile_symmetric: bool = False,
         refine_tile_fill: bool = False,
         refine_tile_colour: str = "free",
+        refine_tile_harmonics: int = 0,
         tile_bound: str | Sequence[float] | None = "auto",
         refine_window: int | str = "auto",
         distil_epochs: int = 2,
@@ -363,6 +366,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
         self.refine_tile_symmetric = as_bool(refine_tile_symmetric)
         self.refine_tile_fill = as_bool(refine_tile_fill)
         self.refine_tile_colour = as_tile_colour(refine_tile_colour)
+        self.refine_tile_harmonics = int(refine_tile_harmonics)
         auto_tile_bound(tile_bound, 0)  # validates it; ``auto`` resolves once the spatial dims are known
         self.tile_bound: str | Sequence[float] | None = tile_bound
         self.refine_window: int | str = as_window(refine_window)
@@ -922,6 +926,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             "refine_tile_symmetric": self.refine_tile_symmetric,
             "refine_tile_fill": self.refine_tile_fill,
             "refine_tile_colour": self.refine_tile_colour,
+            "refine_tile_harmonics": self.refine_tile_harmonics,
             "refine_window": self.refine_window,
             "victim_grids": self.victim_grids if self.victim_grids == "auto" else list(self.victim_grids),
             "release_normalise": self.release_normalise,
@@ -972,7 +977,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                     "refine_stop", "refine_size", "refine_reset", "refine_energy", "refine_step", "release_normalise",
                     "release_jitter", "release_augment", "refine_step_fraction", "refine_tile",
                     "refine_tile_classwise", "refine_tile_symmetric", "refine_tile_fill", "refine_tile_colour",
-                    "tile_bound", "refine_window"):
+                    "refine_tile_harmonics", "tile_bound", "refine_window"):
             if key in p:
                 setattr(self, key, p[key])
         if "victim_grids" in p:

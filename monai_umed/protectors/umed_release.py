@@ -96,7 +96,8 @@ class UMedReleaseStage:
                               shared_classwise=self.refine_tile_classwise,
                               shared_symmetric=self.refine_tile_symmetric,
                               shared_fill=self.refine_tile_fill,
-                              shared_colour=self.refine_tile_colour)
+                              shared_colour=self.refine_tile_colour,
+                              shared_harmonics=self.refine_tile_harmonics)
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
