@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from monai_umed.colour import quiet_colour
 from monai_umed.protectors.pgd import work_shape
-from monai_umed.protectors.refine import TILE_COLOURS, ReleaseRefiner, stack_scalars, upsample_limit
+from monai_umed.protectors.refine import ReleaseRefiner, as_tile_colour, stack_scalars, upsample_limit
 
 __all__ = ["SharedTileRefiner", "lowpass_tile", "symmetrise", "tile_pattern"]
 
@@ -94,7 +94,7 @@ class SharedTileRefiner(ReleaseRefiner):
         background: with ``classwise``, lay a tile on the background class too; False leaves it unperturbed (its
             tile stays zero).
         colour: ``free`` (one tile per image channel) or ``quiet`` (a one-channel tile along the colour direction
-            the training images vary least along; :data:`TILE_COLOURS`).
+            the training images vary least along; :data:`~monai_umed.protectors.refine.TILE_COLOURS`).
         harmonics: keep only the tile's spatial frequencies up to this many cycles per tile (:func:`lowpass_tile`;
             0: all).
     """
@@ -105,10 +105,7 @@ class SharedTileRefiner(ReleaseRefiner):
         super().__init__(*args, **kwargs)
         if int(tile) < 1:
             raise ValueError(f"refine: the shared tile must be at least 1 cell, got {tile}")
-        if colour not in TILE_COLOURS:
-            raise ValueError(f"refine: the shared tile's colour must be one of {', '.join(TILE_COLOURS)}, "
-                             f"got {colour!r}")
-        self.colour = colour
+        self.colour = as_tile_colour(colour)
         self.harmonics = int(harmonics)
         #: with ``colour="quiet"``, the channel weights the one-channel tile is laid along (C, mean square 1)
         self.colour_vector: torch.Tensor | None = None
@@ -179,17 +176,18 @@ class SharedTileRefiner(ReleaseRefiner):
         session) the smooth tile nevertheless protected less than the sign tile (21.9 / 28.6 % against 15.3 / 5.6 %
         for two victim seeds): it looks more like image content, so ``sign`` stays the default.
         """
-        if self.colour_vector is not None:
-            # a quiet-colour tile is kept a texture (zero mean over its cells): unconstrained, the fit on Kvasir-SEG
-            # drove both class tiles to one flat chroma offset (every cell at -top; the surrogate's training Dice
-            # stalled at 0.65 over 12 rounds, thirteenth session), a cue victims do not learn at 50 dB
-            spatial = tuple(range(2, t.ndim))
+        # a quiet-colour tile is kept a texture (zero mean over its cells): unconstrained, the fit on Kvasir-SEG
+        # drove both class tiles to one flat chroma offset (every cell at -top; the surrogate's training Dice
+        # stalled at 0.65 over 12 rounds, thirteenth session), a cue victims do not learn at 50 dB
+        zero_mean = self.colour_vector is not None
+        spatial = tuple(range(2, t.ndim))
+        if zero_mean:
             grad = grad - grad.mean(spatial, keepdim=True)
         # every cell of a tile is inside its footprint: the per-case refiner's direction, normalised per tile
         new = t - alpha * self._direction(grad, torch.ones_like(grad))
-        if self.colour_vector is not None:
+        if zero_mean:
             new = new - new.mean(spatial, keepdim=True)
-        new = lowpass_tile(new, t.ndim - 2, self.harmonics)
+        new = lowpass_tile(new, len(spatial), self.harmonics)
         if self.settings.step == "sign":
             return new.clamp(-top, top)
         rms = new.pow(2).mean(tuple(range(1, t.ndim)), keepdim=True).sqrt()
