@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from monai_umed.errors import InputError
@@ -163,6 +169,47 @@ def test_evaluate_nnunet_end_to_end(tmp_path, capsys):
                      progress=False, nnunet_dir=work)
     assert again["rows"][0]["clean_victim"]["cached"] and again["rows"][0]["protected_victim"]["cached"]
     assert again["dice_clean"] == pytest.approx(rep["dice_clean"]) == again["dice_protected"]
+
+
+def _final_weights(report: dict) -> dict:
+    return torch.load(report["rows"][0]["clean_victim"]["checkpoint"], weights_only=False)["network_weights"]
+
+
+def test_interrupted_nnunet_run_continues_exactly(tmp_path):
+    """``evaluate`` killed mid-training (the whole process group, as a session's end does) and run again continues
+    nnU-Net from its last finished epoch, and ends with the uninterrupted run's weights and Dice, bit for bit."""
+    clean = _write_2d(tmp_path / "clean", n_train=4, n_test=2, size=48)
+    opts = ["--victim", "nnunet", "--epochs", "3", "--nnunet-iterations", "12", "--image-size", "32",
+            "--threads", "1", "--quiet"]
+    quick = dict(victim="nnunet", epochs=3, nnunet_iterations=12, image_size=32, threads=1, progress=False)
+    whole = evaluate(clean, clean, nnunet_dir=tmp_path / "whole", **quick)
+    assert whole["rows"][0]["clean_victim"]["resumed_from_epoch"] == 0
+
+    work = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "monai_umed", "evaluate", str(clean), str(clean), *opts,
+                             "--nnunet-dir", str(work)], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    results = work / "nnUNet_results"
+    try:
+        # epoch 2's checkpoint is on disk once its random states are and epoch 1's are gone: kill during epoch 3
+        while not (list(results.rglob("rng_epoch2.pt")) and not list(results.rglob("rng_epoch1.pt"))):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint of epoch 2 in 300 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert list(results.rglob("checkpoint_latest.pth")) and not list(results.rglob("checkpoint_final.pth"))
+
+    again = evaluate(clean, clean, nnunet_dir=work, **quick)
+    victim = again["rows"][0]["clean_victim"]
+    assert victim["resumed_from_epoch"] == 2 and not victim["cached"] and len(victim["loss"]) == 3
+    assert victim["loss"] == whole["rows"][0]["clean_victim"]["loss"]
+    assert again["dice_clean"] == whole["dice_clean"]
+    a, b = _final_weights(whole), _final_weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(results.rglob("rng_epoch*.pt")) and not list(results.rglob("checkpoint_latest.pth"))
 
 
 def _one_line(excinfo: pytest.ExceptionInfo) -> str:

@@ -28,7 +28,9 @@ Everything lives in a work folder (``--nnunet-dir``; by default ``nnunet/`` besi
 without a report): ``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``, ``predictions`` and ``logs``. A run
 is recorded in its raw dataset (``monai_umed_run.json``) under a content hash of the training and test files, the
 schedule, the seed, the grid, the device type and the versions, so that a finished run is reused (the clean
-baseline of every protector judged with the same work folder, or a "protected" copy identical to the clean one).
+baseline of every protector judged with the same work folder, or a "protected" copy identical to the clean one) and
+an interrupted one is continued from its last finished epoch, exactly as if it had not stopped (a CPU schedule of
+hours can span sessions; see :mod:`monai_umed.nnunet.trainer`).
 One ``evaluate`` at a time per work folder. Nothing is downloaded.
 
 The subprocess's environment bounds its CPU use to the judge's ``--threads``: ``OMP_NUM_THREADS``,
@@ -207,6 +209,13 @@ def _find_dataset(work: Path, key: str) -> tuple[int, dict[str, Any] | None]:
     return i, None
 
 
+def _write_record(raw: Path, record: dict[str, Any]) -> None:
+    """Write a raw dataset's run record atomically (a half-written record would hide a finished run)."""
+    tmp = raw / f"{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, raw / RUN_RECORD)
+
+
 def _finished(record: dict[str, Any] | None) -> bool:
     """Whether a recorded run ended with every prediction on disk."""
     result = (record or {}).get("result") or {}
@@ -222,10 +231,9 @@ def _clear(work: Path, dataset_id: int) -> None:
 
 
 def _run_worker(args: list[str], env: dict[str, str], log: Path, label: str, progress: bool) -> None:
-    """Run ``python -m monai_umed.nnunet.worker ARGS``: nnU-Net's output to ``log``, its ``[nnunet]`` lines also
-    to stderr when ``progress``."""
+    """Run ``python -m monai_umed.nnunet.worker ARGS``: nnU-Net's output appended to ``log``, its ``[nnunet]``
+    lines also to stderr when ``progress``."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
     cmd = [sys.executable, "-m", "monai_umed.nnunet.worker", *args]
     # both streams append to one file: O_APPEND keeps the child's stdout and the copied stderr lines whole
     with open(log, "a") as out:
@@ -301,7 +309,7 @@ def _victim_info(result: dict[str, Any], record: dict[str, Any], cached: bool, w
     keys = ("trainer", "configuration", "plans", "fold", "epochs", "iterations", "val_iterations", "batch_size",
             "planned_batch_size", "patch_size", "spacing", "network", "normalization", "image_reader_writer",
             "device", "threads", "seed", "output_folder", "log_file", "checkpoint", "predict_seconds",
-            "mirroring_axes", "versions")
+            "mirroring_axes", "versions", "resumed_from_epoch")
     return {
         "train_seconds": float(result.get("train_seconds") or 0.0),
         "load_seconds": float(result.get("plan_seconds") or 0.0),
@@ -396,17 +404,25 @@ def judge_nnunet(
                     print(f"[evaluate] {role} victim: nnU-Net run {name} reused (same files and settings)",
                           file=sys.stderr, flush=True)
             else:
-                _clear(work, dataset_id)
                 raw = work / "nnUNet_raw" / name
-                if progress:
-                    print(f"[evaluate] {role} victim: converting {len(train)} training and {len(test)} test cases to "
-                          f"{raw}", file=sys.stderr, flush=True)
-                write_raw_dataset(raw, train, test, labels, names, spatial_dims, image_size=image_size,
-                                  description=f"monai-umed judge, {role} training list of {clean_dataset}")
                 log = work / "logs" / f"{name}.log"
-                record = {"key": key, "role": role, "settings": settings, "train_cases": len(train),
-                          "test_cases": len(test), "worker_log": str(log)}
-                (raw / RUN_RECORD).write_text(json.dumps(record, indent=1, default=str) + "\n")
+                if use_cache and record is not None and raw.is_dir():
+                    # an interrupted run of the same files and settings: its conversion is complete (the record is
+                    # written after it) and the worker continues its training from the last finished epoch
+                    if progress:
+                        print(f"[evaluate] {role} victim: continuing the interrupted nnU-Net run {name}",
+                              file=sys.stderr, flush=True)
+                else:
+                    _clear(work, dataset_id)
+                    log.unlink(missing_ok=True)
+                    if progress:
+                        print(f"[evaluate] {role} victim: converting {len(train)} training and {len(test)} test "
+                              f"cases to {raw}", file=sys.stderr, flush=True)
+                    write_raw_dataset(raw, train, test, labels, names, spatial_dims, image_size=image_size,
+                                      description=f"monai-umed judge, {role} training list of {clean_dataset}")
+                    record = {"key": key, "role": role, "settings": settings, "train_cases": len(train),
+                              "test_cases": len(test), "worker_log": str(log)}
+                    _write_record(raw, record)
                 result_path = work / "logs" / f"{name}.result.json"
                 args = ["--dataset-id", str(dataset_id), "--configuration", cfg, "--epochs", str(schedule.epochs),
                         "--iterations", str(schedule.iterations), "--val-iterations", str(schedule.val_iterations),
@@ -423,7 +439,7 @@ def judge_nnunet(
                     raise RuntimeError(f"nnU-Net failed on the {role} training list: "
                                        f"{result.get('error', 'no result written')} (log: {log})")
                 record["result"] = result
-                (raw / RUN_RECORD).write_text(json.dumps(record, indent=1, default=str) + "\n")
+                _write_record(raw, record)
             datasets[role] = name
             preds = [result["predictions"][f"test_{n:05d}"] for n in range(len(test))]
             res = score_predictions(preds, test, num_classes, keep=keep)

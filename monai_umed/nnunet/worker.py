@@ -19,7 +19,8 @@ own Python API:
 1. fingerprint (:class:`~monai_umed.nnunet.trainer.FingerprintExtractor`), plan (``ExperimentPlanner``, plans
    ``nnUNetPlans``) and preprocess the configuration;
 2. train :class:`~monai_umed.nnunet.trainer.nnUNetTrainerShort` on every training case (fold ``all``) with the
-   schedule given, seeded;
+   schedule given, seeded, continuing exactly the run its output folder holds when an earlier worker was
+   interrupted (:meth:`~monai_umed.nnunet.trainer.nnUNetTrainerShort.resume`);
 3. predict every ``imagesTs`` case with ``nnUNetPredictor`` (Gaussian-weighted sliding window, step 0.5, mirroring)
    from the final weights, writing each segmentation with the dataset's own reader/writer.
 
@@ -41,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from monai_umed.nnunet import CPU_MAX_BATCH, FOLD, PLANS, SHORT_EPOCHS, SHORT_ITERATIONS
+from monai_umed.nnunet import CPU_MAX_BATCH, FOLD, PLANS, SHORT_EPOCHS, SHORT_ITERATIONS, TRAINER
 
 __all__ = ["main", "run", "test_cases"]
 
@@ -83,6 +84,36 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _trainer(plans: dict, cfg: str, dataset_json: dict, device: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """The seeded trainer on the schedule asked for, continuing the run its output folder holds, if any.
+
+    Returns:
+        the trainer and the epoch it starts from (0: a new run; ``epochs``: a finished one, only to predict).
+    """
+    import shutil
+
+    from monai_umed.nnunet.trainer import nnUNetTrainerShort
+
+    def build() -> Any:
+        _seed(args.seed)
+        trainer = nnUNetTrainerShort(plans=plans, configuration=cfg, fold=FOLD, dataset_json=dataset_json,
+                                     device=device)
+        trainer.set_schedule(args.epochs, args.iterations, args.val_iterations)
+        return trainer
+
+    trainer = build()
+    try:
+        start = trainer.resume()
+    except Exception as e:  # a checkpoint cut short by the interruption itself: nothing to continue exactly
+        _say(f"cannot continue the run in {trainer.output_folder} ({type(e).__name__}: {' '.join(str(e).split())}): "
+             f"training from the start")
+        shutil.rmtree(trainer.output_folder, ignore_errors=True)
+        return build(), 0
+    if start:
+        _say(f"continuing the run in {trainer.output_folder} after epoch {start}")
+    return trainer, start
+
+
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """Plan, preprocess, train and predict one dataset (see the module docstring); fills ``result`` as it goes."""
     import numpy as np
@@ -96,13 +127,13 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
-    from monai_umed.nnunet.trainer import FingerprintExtractor, nnUNetTrainerShort
+    from monai_umed.nnunet.trainer import FINAL, FingerprintExtractor
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = convert_id_to_dataset_name(args.dataset_id)
     cfg = args.configuration
-    result.update({"dataset": name, "configuration": cfg, "trainer": nnUNetTrainerShort.__name__, "plans": PLANS,
+    result.update({"dataset": name, "configuration": cfg, "trainer": TRAINER, "plans": PLANS,
                    "fold": FOLD, "device": str(device), "threads": args.threads, "seed": args.seed})
 
     t0 = time.perf_counter()
@@ -134,17 +165,17 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                    "network": arch.get("network_class_name", conf.get("UNet_class_name")),
                    "image_reader_writer": plans.get("image_reader_writer")})
 
-    _seed(args.seed)
     dataset_json = load_json(str(pre / "dataset.json"))
-    trainer = nnUNetTrainerShort(plans=plans, configuration=cfg, fold=FOLD, dataset_json=dataset_json, device=device)
-    trainer.set_schedule(args.epochs, args.iterations, args.val_iterations)
+    trainer, start = _trainer(plans, cfg, dataset_json, device, args)
     result.update({"epochs": trainer.num_epochs, "iterations": trainer.num_iterations_per_epoch,
                    "val_iterations": trainer.num_val_iterations_per_epoch, "output_folder": trainer.output_folder,
-                   "log_file": trainer.log_file})
+                   "log_file": trainer.log_file, "resumed_from_epoch": start})
     _say(f"{name}: training {trainer.__class__.__name__}, {cfg}, fold {FOLD}, {trainer.num_epochs} epochs x "
-         f"{trainer.num_iterations_per_epoch} iterations, batch {batch}, patch {result['patch_size']}, {device}")
+         f"{trainer.num_iterations_per_epoch} iterations, batch {batch}, patch {result['patch_size']}, {device}"
+         + (f", resumed after epoch {start}" if start else ""))
     t1 = time.perf_counter()
-    trainer.run_training()
+    if start < trainer.num_epochs:
+        trainer.run_training()
     log = trainer.logger.get_checkpoint()
     result.update({
         "train_seconds": time.perf_counter() - t1,
@@ -152,7 +183,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "val_losses": [float(v) for v in log["val_losses"]],
         "pseudo_dice": [float(v) for v in log["mean_fg_dice"]],
         "epoch_seconds": [float(e - s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])],
-        "checkpoint": os.path.join(trainer.output_folder, "checkpoint_final.pth"),
+        "checkpoint": os.path.join(trainer.output_folder, FINAL),
     })
 
     # nnU-Net's predictor on the final weights, as its own validation does it after training
