@@ -545,7 +545,7 @@ def restore_dataset(protected: str | os.PathLike, key: str | os.PathLike, output
                 except _Damaged as e:
                     damaged[i] = f"{_case_name(case)} ({case['delta']}) is damaged: {e}"
                     if not skip_damaged:
-                        raise KeyDamagedError(f"the key is damaged; nothing was written: use another copy of the key, "
+                        raise KeyDamagedError("the key is damaged; nothing was written: use another copy of the key, "
                                               "or --skip-damaged to restore every other case", key,
                                               problems=[damaged[i]]) from None
         stage.mkdir(parents=True, exist_ok=True)

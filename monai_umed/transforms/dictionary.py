@@ -17,7 +17,6 @@ from typing import Any, Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform
 
 from monai_umed.protectors.base import Protector
