@@ -68,6 +68,7 @@ from monai_umed.evaluation.nnunet_convert import (
     nnunet_labels,
     write_raw_dataset,
 )
+from monai_umed.evaluation.report import write_json
 from monai_umed.evaluation.train import find_dataset_json
 from monai_umed.nnunet import FOLD, PLANS, SHORT_EPOCHS, SHORT_ITERATIONS, TRAINER, configuration_for
 
@@ -207,13 +208,6 @@ def _find_dataset(work: Path, key: str) -> tuple[int, dict[str, Any] | None]:
     while i in used:
         i += 1
     return i, None
-
-
-def _write_record(raw: Path, record: dict[str, Any]) -> None:
-    """Write a raw dataset's run record atomically (a half-written record would hide a finished run)."""
-    tmp = raw / f"{RUN_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    os.replace(tmp, raw / RUN_RECORD)
 
 
 def _finished(record: dict[str, Any] | None) -> bool:
@@ -422,7 +416,7 @@ def judge_nnunet(
                                       description=f"monai-umed judge, {role} training list of {clean_dataset}")
                     record = {"key": key, "role": role, "settings": settings, "train_cases": len(train),
                               "test_cases": len(test), "worker_log": str(log)}
-                    _write_record(raw, record)
+                    write_json(record, raw / RUN_RECORD)  # atomic: a half-written record hides a finished run
                 result_path = work / "logs" / f"{name}.result.json"
                 args = ["--dataset-id", str(dataset_id), "--configuration", cfg, "--epochs", str(schedule.epochs),
                         "--iterations", str(schedule.iterations), "--val-iterations", str(schedule.val_iterations),
@@ -439,7 +433,7 @@ def judge_nnunet(
                     raise RuntimeError(f"nnU-Net failed on the {role} training list: "
                                        f"{result.get('error', 'no result written')} (log: {log})")
                 record["result"] = result
-                _write_record(raw, record)
+                write_json(record, raw / RUN_RECORD)  # atomic: a half-written record hides a finished run
             datasets[role] = name
             preds = [result["predictions"][f"test_{n:05d}"] for n in range(len(test))]
             res = score_predictions(preds, test, num_classes, keep=keep)
