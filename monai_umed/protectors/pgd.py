@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monai_umed.protectors.base import Protector, working_set_on
+from monai_umed.protectors.base import Protector, save_atomic, working_set_on
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, collate_padded, pad_to_multiple
 
 __all__ = [
@@ -637,12 +637,8 @@ class SampleWiseProtector(Protector):
 
     def _save(self, checkpoint: Path | None) -> None:
         """Write the fitting state atomically (temporary name, then rename)."""
-        if checkpoint is None:
-            return
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-        torch.save(self._fit_state(), tmp)
-        os.replace(tmp, checkpoint)
+        if checkpoint is not None:
+            save_atomic(self._fit_state(), checkpoint)
 
     def _resume(self, checkpoint: Path, ws: WorkSet) -> None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)

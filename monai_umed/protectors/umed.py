@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -83,7 +82,7 @@ from tqdm.auto import tqdm
 
 from monai_umed.masks import sample_spacing, spacing_of
 from monai_umed.networks.generator import PerturbationGenerator
-from monai_umed.protectors.base import Protector, case_seed
+from monai_umed.protectors.base import Protector, case_seed, save_atomic
 from monai_umed.protectors.refine import (
     ReleaseRefiner,
     as_bool,
@@ -780,7 +779,7 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             bar.update(1)
             bar.set_postfix(gen=f"{rec['gen_loss']:.3f}", dice=f"{rec['dice']:.3f}")
             if checkpoint is not None:
-                _atomic_save(self._checkpoint_state(sur, opt, epoch), checkpoint)
+                save_atomic(self._checkpoint_state(sur, opt, epoch), checkpoint)
             done = rec["dice"] > self.stop_dice
         bar.close()
         self._refine(samples, cache, channels, num_classes, patch, checkpoint, progress)
@@ -1008,17 +1007,3 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             self.refiner.load_state_dict(state["refine"])
         self.fitted = True
         return self
-
-
-def _atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".umed-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
