@@ -110,6 +110,7 @@ def _run_protect(args: argparse.Namespace) -> int:
               f"({summary['protected']} of {summary['cases']} images protected with {summary['method']}); "
               "nothing to do")
         _print_written(summary)
+        _warn_unfitted(summary, args.dataset)
         return 0
     if summary["jpeg_as_png"]:
         print(f"notice: {summary['jpeg_as_png']} JPEG image(s) were written as lossless PNG (JPEG would destroy the "
@@ -118,7 +119,21 @@ def _run_protect(args: argparse.Namespace) -> int:
           f"(PSNR mean {summary['psnr_mean']:.2f} dB, min {summary['psnr_min']:.2f} dB, "
           f"max |delta| {summary['max_abs_delta']:.4g} native units) in {summary['seconds']:.1f} s")
     _print_written(summary)
+    _warn_unfitted(summary, args.dataset)
     return 0
+
+
+def _warn_unfitted(summary: dict[str, Any], dataset: str) -> None:
+    """Say so when the release stage's surrogate never learnt the perturbed training set (``fit_report``): on all but
+    one of the copies judged where that happened, victims learnt the real task."""
+    fit = summary.get("fit") or {}
+    if fit.get("reached_stop", True):
+        return
+    print(f"warning: the release stage's surrogate reached a training Dice of only {fit['dice'][-1]:.2f} on the "
+          f"protected training set after {fit['rounds']} round(s) (it stops at {fit['stop_dice']:.2f}, once the "
+          "perturbation is what it learns first); on all but one of the copies judged where this happened, victims "
+          "learnt the real task from the protected files (docs/evaluation.md). Judge this copy before you publish it: "
+          f"monai-umed check {summary['output']} --clean {dataset}", file=sys.stderr)
 
 
 def _print_written(summary: dict[str, Any]) -> None:

@@ -318,8 +318,8 @@ def _finished_run(out: Path, key: Path, config: dict[str, Any], resume: bool, t0
         raise InputError(f"{done}, with different {', '.join(diff)})", out)
     check_key(out, key).raise_for_problems(key)
     summary = json.loads((out / "manifest.json").read_text())["summary"]
-    return {**summary, "output": str(out), "key": str(key), "manifest": str(out / "manifest.json"),
-            "seconds": time.time() - t0, "already_complete": True}
+    return {**summary, "fit": record.get("fit"), "output": str(out), "key": str(key),
+            "manifest": str(out / "manifest.json"), "seconds": time.time() - t0, "already_complete": True}
 
 
 def _select(spec: DatasetSpec, split: str) -> tuple[list[int], list[int]]:
@@ -886,12 +886,14 @@ def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str
             buf = io.BytesIO()
             torch.save(protector.state_dict(), buf)
             state = buf.getvalue()
-    record = {**summary, "fingerprint": fingerprint(files), "datalist": datalist,
+    # how the fit went goes to the owner (key and summary), not into the published manifest
+    fit = protector.fit_report()
+    record = {**summary, "fit": fit, "fingerprint": fingerprint(files), "datalist": datalist,
               "cases": records, "manifest": files[-1], "config": job.config}
     for r in protected:  # every delta checked (and its sha256 recorded) before key.json is written
         _fragment_delta(job, r)
     write_key(job.key, record, ((r["delta"], _fragment_delta(job, r)) for r in protected), state)
     os.replace(job.stage, job.output)
     shutil.rmtree(job.work, ignore_errors=True)
-    return {**summary, "output": str(job.output), "key": str(job.key), "manifest": str(job.output / "manifest.json"),
-            "seconds": time.time() - t0}
+    return {**summary, "fit": fit, "output": str(job.output), "key": str(job.key),
+            "manifest": str(job.output / "manifest.json"), "seconds": time.time() - t0}

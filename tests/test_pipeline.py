@@ -263,3 +263,32 @@ def test_psnr_floor_holds_on_the_written_file(ds2d: Path, tmp_path: Path) -> Non
     restore_dataset(out, tmp_path / "out.umedkey", restored)
     for c in cases:
         assert np.array_equal(decoded(restored / c["source"][0]), decoded(ds2d / c["source"][0]))
+
+
+def test_protect_warns_when_the_release_surrogate_never_learnt_the_copy(ds2d: Path, tmp_path: Path, capsys) -> None:
+    """The release stage's fit report reaches the key and ``protect``'s summary (not the published manifest), and
+    the CLI warns, with the self-check to run, when no round reached ``refine_stop``."""
+    from monai_umed.key import read_key
+
+    tiny = ["--method", "umed", "--quiet", "--param", "epochs=1", "--param", "refine_rounds=1", "--param",
+            "victim_grids=[16]", "--param", "distil_epochs=1", "--param", "refine_surrogate_epochs=1"]
+    unfitted = tmp_path / "unfitted"
+    assert main(["protect", str(ds2d), str(unfitted), *tiny, "--param", "refine_stop=1.0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the release stage's surrogate" in err and f"monai-umed check {unfitted} --clean {ds2d}" in err
+    fit = read_key(tmp_path / "unfitted.umedkey")["fit"]
+    assert fit["rounds"] == 1 and len(fit["dice"]) == 1 and fit["dice"][0] < 1.0
+    assert fit["stop_dice"] == 1.0 and fit["reached_stop"] is False
+    assert "fit" not in json.loads((unfitted / "manifest.json").read_text())["summary"]
+
+    fitted = tmp_path / "fitted"
+    # a first round that fits clean images (stop 0) does not end the stage: the second, on the tile, does
+    s = protect_dataset(ds2d, fitted, "umed", progress=False, params={"epochs": 1, "refine_rounds": 2,
+                        "victim_grids": [16], "distil_epochs": 1, "refine_surrogate_epochs": 1, "refine_stop": 0.0})
+    assert s["fit"]["reached_stop"] is True and s["fit"]["rounds"] == 2
+    assert main(["protect", str(ds2d), str(fitted), *tiny, "--param", "refine_stop=0.0", "--param",
+                 "refine_rounds=2", "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "already complete" in out.out and "warning" not in out.err
+    # surrogate-free methods have nothing to report
+    assert protect_dataset(ds2d, tmp_path / "noise", "noise", progress=False)["fit"] is None

@@ -197,6 +197,12 @@ class Protector(ABC):
         """JSON-serialisable parameters, recorded in the manifest."""
         return {"epsilon": self.epsilon, "seed": self.seed, "epochs": self.epochs}
 
+    def fit_report(self) -> dict[str, Any] | None:
+        """How the fit went, for the owner (the key and ``protect``'s summary); None where the method has nothing to
+        report (surrogate-free methods, or no release stage). See :meth:`ReleaseRefiner.fit_report
+        <monai_umed.protectors.refine.ReleaseRefiner.fit_report>`."""
+        return None
+
     # -- helpers for subclasses ---------------------------------------------------------------------------------
     def generator(self, case_id: str | None, salt: str = "", device: torch.device | str = "cpu") -> torch.Generator:
         """A torch generator seeded from ``(seed, case_id, salt)``."""

@@ -257,6 +257,10 @@ class EMReleaseStage:
         grids = auto_victim_grids(sd, self.victim_grids)
         return ReleasePath(grids=grids, normalise="minmax" if sd == 2 else "zscore")
 
+    def fit_report(self) -> dict[str, Any] | None:
+        """The release stage's :meth:`~monai_umed.protectors.refine.ReleaseRefiner.fit_report` (None without one)."""
+        return None if self.refiner is None else self.refiner.fit_report()
+
     def _new_refiner(self) -> ReleaseRefiner:
         sd = self._sd()
         classes = int(self.refine_classes or self.num_classes or 2)

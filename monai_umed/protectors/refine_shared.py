@@ -265,6 +265,10 @@ class SharedTileRefiner(ReleaseRefiner):
         and ``steps`` are ignored."""
         return self.unseen(image, label, limit, energy)
 
+    def _perturbed(self) -> bool:
+        """Whether the shared tile exists and is non-zero (every case's perturbation is made from it)."""
+        return self.pattern is not None and bool(self.pattern.any())
+
     def _to_host(self) -> None:
         super()._to_host()
         if self.pattern is not None:

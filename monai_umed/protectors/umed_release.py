@@ -99,6 +99,10 @@ class UMedReleaseStage:
                               shared_colour=self.refine_tile_colour,
                               shared_harmonics=self.refine_tile_harmonics)
 
+    def fit_report(self) -> dict[str, Any] | None:
+        """The release stage's :meth:`~monai_umed.protectors.refine.ReleaseRefiner.fit_report` (None without one)."""
+        return None if self.refiner is None else self.refiner.fit_report()
+
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
         norm = ("minmax" if sd == 2 else "zscore") if self.release_normalise == "auto" else self.release_normalise
