@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Protector", "resolve_device", "case_seed", "working_set_on", "save_atomic"]
+__all__ = ["Protector", "resolve_device", "case_seed", "working_set_on"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -36,21 +35,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, then rename it into place, so that an interruption
-    leaves the previous file (a fit's checkpoint), never a half-written one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".umed-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def working_set_on(device: str | torch.device, tensors: Iterable[torch.Tensor], fraction: float = 0.5,

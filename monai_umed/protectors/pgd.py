@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monai_umed.protectors.base import Protector, save_atomic, working_set_on
+from monai_umed.data.codec import atomic_path
+from monai_umed.protectors.base import Protector, working_set_on
 from monai_umed.protectors.surrogate import Surrogate, augment_pair, collate_padded, pad_to_multiple
 
 __all__ = [
@@ -638,7 +639,8 @@ class SampleWiseProtector(Protector):
     def _save(self, checkpoint: Path | None) -> None:
         """Write the fitting state atomically (temporary name, then rename)."""
         if checkpoint is not None:
-            save_atomic(self._fit_state(), checkpoint)
+            with atomic_path(checkpoint) as tmp:
+                torch.save(self._fit_state(), tmp)
 
     def _resume(self, checkpoint: Path, ws: WorkSet) -> None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)

@@ -80,9 +80,10 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
+from monai_umed.data.codec import atomic_path
 from monai_umed.masks import sample_spacing, spacing_of
 from monai_umed.networks.generator import PerturbationGenerator
-from monai_umed.protectors.base import Protector, case_seed, save_atomic
+from monai_umed.protectors.base import Protector, case_seed
 from monai_umed.protectors.refine import (
     ReleaseRefiner,
     as_bool,
@@ -779,7 +780,8 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
             bar.update(1)
             bar.set_postfix(gen=f"{rec['gen_loss']:.3f}", dice=f"{rec['dice']:.3f}")
             if checkpoint is not None:
-                save_atomic(self._checkpoint_state(sur, opt, epoch), checkpoint)
+                with atomic_path(checkpoint) as tmp:
+                    torch.save(self._checkpoint_state(sur, opt, epoch), tmp)
             done = rec["dice"] > self.stop_dice
         bar.close()
         self._refine(samples, cache, channels, num_classes, patch, checkpoint, progress)
