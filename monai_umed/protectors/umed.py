@@ -36,9 +36,10 @@ surrogate, for ``epochs`` passes or until the surrogate's training Dice exceeds 
 
 Surviving the unauthorised trainer's preprocessing (METHODS.md section 4.7) is part of the objective (ours): every
 protected training patch passes through a differentiable stand-in of common preprocessing before the surrogate sees
-it: random down-resize (``F.interpolate``: area, Gaussian anti-aliasing + linear as MONAI's ``Resize``, or
-antialiased bilinear; scale drawn log-uniformly from ``resize_aug``), random intensity renormalisation (none,
-min-max, z-score) and, for 8-bit data, the rounding of the written file (straight-through). Flips and 90-degree
+it (:func:`~monai_umed.protectors.standin.preprocess_standin`): random down-resize (``F.interpolate``: area, Gaussian
+anti-aliasing + linear as MONAI's ``Resize``, or antialiased bilinear; scale drawn log-uniformly from ``resize_aug``),
+random intensity renormalisation (none, min-max, z-score) and, for 8-bit data, the rounding of the written file
+(straight-through, :func:`~monai_umed.protectors.release.quantise_st`). Flips and 90-degree
 rotations are applied to ``(x', y)`` as well. The generators run at ``1 / gen_scale`` of the native resolution and
 their output is upsampled (bilinear/trilinear) before the masks and the budget are applied, which both cuts CPU cost
 and gives the perturbation the low-frequency structure that resampling preserves; masks and budgets stay at native
@@ -96,9 +97,10 @@ from monai_umed.protectors.refine import (
     grey_levels,
 )
 from monai_umed.protectors.refine_window import Windowed, as_window, auto_window, crop, footprint_box, paste
-from monai_umed.protectors.release import gaussian_blur
+from monai_umed.protectors.release import quantise_st
 from monai_umed.protectors.release_augment import as_release_augment
-from monai_umed.protectors.surrogate import Surrogate, augment_pair, foreground_dice
+from monai_umed.protectors.standin import mix_batch, preprocess_standin
+from monai_umed.protectors.surrogate import Surrogate, foreground_dice
 from monai_umed.protectors.umed_maps import UMedBudgetMaps
 from monai_umed.protectors.umed_release import UMedReleaseStage
 
@@ -597,64 +599,6 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                 col.append(out)
         return tuple(torch.stack(col).to(self.device) for col in cols)
 
-    def _standin(
-        self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, multiple: int, flips: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The differentiable stand-in of a victim's preprocessing: resize, renormalise, flip/rotate, pad."""
-        sd = x.ndim - 2
-        rng = self._resize_range()
-        r = torch.rand(4, generator=g)
-        if rng is not None:
-            lo, hi = math.log(rng[0]), math.log(rng[1])
-            scale = math.exp(lo + float(r[0]) * (hi - lo))
-            size = [max(multiple, int(round(n * scale))) for n in x.shape[2:]]
-            if list(size) != list(x.shape[2:]):
-                kind = float(r[1])
-                linear = "bilinear" if sd == 2 else "trilinear"
-                if kind < 1 / 3:
-                    x = F.interpolate(x, size=size, mode="area")
-                elif kind < 2 / 3 or sd == 3:
-                    # MONAI Resize(anti_aliasing=True): Gaussian sigma = (1/scale - 1) / 2, then (bi/tri)linear
-                    sig = [max(0.0, (n / m - 1.0) / 2.0) for n, m in zip(x.shape[2:], size)]
-                    x = F.interpolate(gaussian_blur(x, sig), size=size, mode=linear, align_corners=False)
-                else:
-                    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-                y = F.interpolate(y.float(), size=size, mode="nearest").long()
-        dims = tuple(range(1, x.ndim))
-        if float(r[2]) < 1 / 3:
-            lo_v = x.amin(dim=dims, keepdim=True)
-            hi_v = x.amax(dim=dims, keepdim=True)
-            x = (x - lo_v) / (hi_v - lo_v).clamp_min(1e-6)
-        elif float(r[2]) < 2 / 3:
-            sdims = tuple(range(2, x.ndim))
-            x = (x - x.mean(dim=sdims, keepdim=True)) / x.std(dim=sdims, keepdim=True).clamp_min(1e-6)
-        if flips:
-            x, y = augment_pair(x, y, g)
-        pad: list[int] = []
-        for n in reversed(x.shape[2:]):
-            pad += [0, (-n) % multiple]
-        if any(pad):
-            x, y = F.pad(x, pad), F.pad(y, pad)
-        return x, y
-
-    def _mix_base(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """The images the perturbations are added to while fitting: with probability ``mix`` per patch, another
-        patch of the batch (the perturbation and the target stay those of the original patch)."""
-        b = x.shape[0]
-        if self.mix <= 0.0 or b < 2:
-            return x
-        r = torch.rand(b + 1, generator=g)
-        shift = 1 + int(float(r[-1]) * (b - 1)) % (b - 1)
-        swap = (r[:b] < self.mix).to(x.device).reshape((b,) + (1,) * (x.ndim - 1))
-        return torch.where(swap, torch.roll(x, shift, dims=0), x)
-
-    def _quantise_st(self, x: torch.Tensor, delta: torch.Tensor, levels: int) -> torch.Tensor:
-        """``x + delta`` rounded to ``levels`` grey levels with a straight-through gradient."""
-        xp = x + delta
-        if levels <= 0:
-            return xp
-        return xp + ((xp * levels).round() / levels - xp).detach()
-
     def _checkpoint_state(self, sur: Surrogate, opt: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
         assert self.gen_c is not None and self.gen_t is not None
         return {
@@ -750,12 +694,12 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                 # (a) generators: minimise the surrogate's loss on the protected, preprocessed patch
                 sur.model.requires_grad_(False)
                 self.gen_c.train(), self.gen_t.train()
-                base = self._mix_base(x, g)
+                base = mix_batch(x, g, self.mix)
                 for _ in range(self.n_gen):
                     raw_c, raw_t = self._raw(inp, x.shape[2:])
                     delta = self._combine(x, raw_c, raw_t, a_c, a_t, limit)
-                    xp = self._quantise_st(base, delta, levels).clamp(0.0, 1.0)
-                    xa, ya = self._standin(xp, y, g, sur.multiple)
+                    xp = quantise_st(base + delta, levels)
+                    xa, ya = preprocess_standin(xp, y, g, sur.multiple, self._resize_range())
                     loss = sur.loss(xa, ya)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -763,9 +707,9 @@ class UMedProtector(UMedReleaseStage, UMedBudgetMaps, Protector):
                     gen_losses.append(float(loss.detach()))
                 sur.model.requires_grad_(True)
                 # (b) surrogate: learn from the protected patches (augmented)
-                xp = self._quantise_st(base, delta.detach(), levels).clamp(0.0, 1.0)
+                xp = quantise_st(base + delta.detach(), levels)
                 for _ in range(self.n_sur):
-                    xa, ya = self._standin(xp, y, g, sur.multiple)
+                    xa, ya = preprocess_standin(xp, y, g, sur.multiple, self._resize_range())
                     l_s, logits = sur.step(xa, ya)
                     sur_losses.append(l_s)
                     dices.append(foreground_dice(logits.argmax(1, keepdim=True), ya))
