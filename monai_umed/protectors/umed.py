@@ -39,11 +39,10 @@ protected training patch passes through a differentiable stand-in of common prep
 it (:func:`~monai_umed.protectors.standin.preprocess_standin`): random down-resize (``F.interpolate``: area, Gaussian
 anti-aliasing + linear as MONAI's ``Resize``, or antialiased bilinear; scale drawn log-uniformly from ``resize_aug``),
 random intensity renormalisation (none, min-max, z-score) and, for 8-bit data, the rounding of the written file
-(straight-through, :func:`~monai_umed.protectors.release.quantise_st`). Flips and 90-degree
-rotations are applied to ``(x', y)`` as well. The generators run at ``1 / gen_scale`` of the native resolution and
-their output is upsampled (bilinear/trilinear) before the masks and the budget are applied, which both cuts CPU cost
-and gives the perturbation the low-frequency structure that resampling preserves; masks and budgets stay at native
-resolution.
+(straight-through, :func:`~monai_umed.protectors.release.quantise_st`). Flips and 90-degree rotations are applied
+to ``(x', y)`` as well. The generators run at ``1 / gen_scale`` of the native resolution and their output is
+upsampled (bilinear/trilinear) before the masks and the budget are applied, which both cuts CPU cost and gives the
+perturbation the low-frequency structure that resampling preserves; masks and budgets stay at native resolution.
 
 After fitting, protection is one forward pass of the two generators per case, batched by shape, under
 ``torch.no_grad``, with sliding windows (``monai.inferers.sliding_window_inference``) for images larger than
