@@ -318,8 +318,7 @@ def _finished_run(out: Path, key: Path, config: dict[str, Any], resume: bool, t0
         raise InputError(f"{done}, with different {', '.join(diff)})", out)
     check_key(out, key).raise_for_problems(key)
     summary = json.loads((out / "manifest.json").read_text())["summary"]
-    return {**summary, "fit": record.get("fit"), "output": str(out), "key": str(key),
-            "manifest": str(out / "manifest.json"), "seconds": time.time() - t0, "already_complete": True}
+    return {**_run_summary(summary, record.get("fit"), out, key, t0), "already_complete": True}
 
 
 def _select(spec: DatasetSpec, split: str) -> tuple[list[int], list[int]]:
@@ -895,5 +894,13 @@ def _finalise(job: _Job, protector: protectors.Protector, t0: float) -> dict[str
     write_key(job.key, record, ((r["delta"], _fragment_delta(job, r)) for r in protected), state)
     os.replace(job.stage, job.output)
     shutil.rmtree(job.work, ignore_errors=True)
-    return {**summary, "fit": fit, "output": str(job.output), "key": str(job.key),
-            "manifest": str(job.output / "manifest.json"), "seconds": time.time() - t0}
+    return _run_summary(summary, fit, job.output, job.key, t0)
+
+
+def _run_summary(
+    summary: dict[str, Any], fit: dict[str, Any] | None, out: Path, key: Path, t0: float
+) -> dict[str, Any]:
+    """What ``protect_dataset`` returns: the manifest's summary, the release stage's fit report (owner only) and
+    where the copy, its manifest and its key are."""
+    return {**summary, "fit": fit, "output": str(out), "key": str(key), "manifest": str(out / "manifest.json"),
+            "seconds": time.time() - t0}

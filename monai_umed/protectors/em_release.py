@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from monai_umed.masks import texture_bound
 from monai_umed.protectors.pgd import WorkSet, linf_bound
 from monai_umed.protectors.refine import (
+    RefinedStage,
     RefineSettings,
     ReleaseRefiner,
     as_bool,
@@ -71,12 +72,10 @@ RELEASE_PARAMS = ("release", "min_psnr", "victim_grids", "refine_rounds", "refin
                   "refine_tile_background", "refine_texture")
 
 
-class EMReleaseStage:
+class EMReleaseStage(RefinedStage):
     """Mixin of :class:`~monai_umed.protectors.em.EMProtector` (and so of SALM): the release stage's parameters,
     state, budget maps, refinement and perturbations."""
 
-    #: the release stage's refiner (None unless fitted or loaded with ``release``)
-    refiner: ReleaseRefiner | None = None
     #: grey levels of the training data (255 for 8-bit images, None for float data), set by ``fit``
     levels: int | None = None
     #: label classes seen at native resolution by the release stage
@@ -256,10 +255,6 @@ class EMReleaseStage:
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
         return ReleasePath(grids=grids, normalise="minmax" if sd == 2 else "zscore")
-
-    def fit_report(self) -> dict[str, Any] | None:
-        """The release stage's :meth:`~monai_umed.protectors.refine.ReleaseRefiner.fit_report` (None without one)."""
-        return None if self.refiner is None else self.refiner.fit_report()
 
     def _new_refiner(self) -> ReleaseRefiner:
         sd = self._sd()

@@ -61,6 +61,7 @@ from monai_umed.protectors.surrogate import Surrogate, dice_counts, dice_from_co
 __all__ = [
     "RefineSettings",
     "ReleaseRefiner",
+    "RefinedStage",
     "upsample",
     "upsample_limit",
     "cap_energy",
@@ -537,6 +538,18 @@ class ReleaseRefiner:
         self.history = list(state.get("history", []))
         self.surrogate.load_state_dict(state["surrogate"])
         return self
+
+
+class RefinedStage:
+    """Base of the protectors' release-stage mixins (UMed's, EM's and SALM's): the :class:`ReleaseRefiner` the stage
+    fitted and how that fit went."""
+
+    #: the release stage's refiner (None unless fitted or loaded with one)
+    refiner: ReleaseRefiner | None = None
+
+    def fit_report(self) -> dict[str, Any] | None:
+        """The release stage's :meth:`ReleaseRefiner.fit_report` (None without one)."""
+        return None if self.refiner is None else self.refiner.fit_report()
 
 
 def stack_scalars(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -46,6 +46,7 @@ from monai_umed.masks import sample_spacing
 from monai_umed.protectors.base import case_seed
 from monai_umed.protectors.pgd import work_shape
 from monai_umed.protectors.refine import (
+    RefinedStage,
     RefineSettings,
     ReleaseRefiner,
     auto_tile,
@@ -74,10 +75,9 @@ from monai_umed.protectors.release_augment import RELEASE_AUGMENTS
 __all__ = ["UMedReleaseStage"]
 
 
-class UMedReleaseStage:
+class UMedReleaseStage(RefinedStage):
     """Mixin of :class:`~monai_umed.protectors.umed.UMedProtector`: the refinement, distillation and energy cap."""
 
-    refiner: ReleaseRefiner | None = None
     #: a windowed training case's window (:mod:`~monai_umed.protectors.refine_window`); its refined perturbation
     #: in ``refiner.deltas`` is window-sized, at native resolution
     windows: Mapping[str, Box] = {}
@@ -98,10 +98,6 @@ class UMedReleaseStage:
                               shared_fill=self.refine_tile_fill,
                               shared_colour=self.refine_tile_colour,
                               shared_harmonics=self.refine_tile_harmonics)
-
-    def fit_report(self) -> dict[str, Any] | None:
-        """The release stage's :meth:`~monai_umed.protectors.refine.ReleaseRefiner.fit_report` (None without one)."""
-        return None if self.refiner is None else self.refiner.fit_report()
 
     def _release_path(self, sd: int) -> ReleasePath:
         grids = auto_victim_grids(sd, self.victim_grids)
